@@ -1,0 +1,63 @@
+// Shared declarations of the cnnbp kernels: the op entry points that ops.cpp registers,
+// and the small index helpers that both convolution and pooling loops use.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+namespace cnnbp {
+
+// ---- conv2d.cpp -------------------------------------------------------------------------------
+// padding is (top, bottom, left, right): symmetric padding repeats a value, padding='same' with an
+// even effective kernel puts the extra row/column at the end, as PyTorch does.
+at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Returns (grad_input, grad_weight, grad_bias); an entry whose output_mask bit is false is not
+// computed and comes back as an empty tensor of shape [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask);
+
+// ---- max_pool2d.cpp ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
+                                                      at::IntArrayRef kernel_size,
+                                                      at::IntArrayRef stride,
+                                                      at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, bool ceil_mode);
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                               at::IntArrayRef input_size);
+
+// ---- helpers ----------------------------------------------------------------------------------
+
+// For out positions o in [0, out_len) reading in[o * stride + offset], the sub-range [lo, hi) whose
+// reads fall inside [0, in_len). Everything outside it reads zero padding.
+struct Range {
+  int64_t lo, hi;
+};
+inline Range valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_t offset) {
+  int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  int64_t last = in_len - 1 - offset;  // largest o * stride allowed
+  int64_t hi = last < 0 ? 0 : last / stride + 1;
+  lo = std::min(lo, out_len);
+  hi = std::max(lo, std::min(hi, out_len));
+  return {lo, hi};
+}
+
+// Half types are computed in float: the kernels see float or double only.
+inline bool is_reduced_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+inline at::ScalarType compute_type(at::ScalarType t) {
+  return is_reduced_float(t) ? at::kFloat : t;
+}
+
+void check_floating_cpu(const at::Tensor& t, const char* op, const char* name);
+
+}  // namespace cnnbp

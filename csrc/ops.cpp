@@ -1,0 +1,44 @@
+// The cnnbp operator library: every schema in one place, and their CPU kernels.
+// Python reaches them as torch.ops.cnnbp.<name>; torch_cnnbp/ops.py adds fake kernels and autograd.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cnnbp.h"
+
+namespace cnnbp {
+
+void check_floating_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, but it is on ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
+  const auto type = t.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+              op, ": ", name, " must be float32, float64, float16 or bfloat16, but got ", type);
+}
+
+TORCH_LIBRARY(cnnbp, m) {
+  // padding is (top, bottom, left, right).
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  // Returns (grad_input, grad_weight, grad_bias); entries not asked for in output_mask are empty.
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Returns (output, indices); indices are flat positions h * W + w inside each input plane.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cnnbp, CPU, m) {
+  m.impl("conv2d", &conv2d_forward);
+  m.impl("conv2d_backward", &conv2d_backward);
+  m.impl("max_pool2d", &max_pool2d_forward);
+  m.impl("max_pool2d_backward", &max_pool2d_backward);
+}
+
+}  // namespace cnnbp
+
+// A bare Python module: importing torch_cnnbp._C loads this library, which registers the ops.
+static PyModuleDef cnnbp_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&cnnbp_module); }

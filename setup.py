@@ -1,0 +1,38 @@
+"""Builds torch_cnnbp._C, the C++ kernels, against the torch that is installed.
+
+Install with `pip install --no-build-isolation -e .` so that the extension is compiled against the
+same torch it will be loaded into. CNNBP_DEBUG=1 builds with -O0 -g.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+debug = os.environ.get("CNNBP_DEBUG", "0") == "1"
+
+cxx_flags = ["-std=c++17", "-O0" if debug else "-O3", "-fvisibility=hidden"]
+link_flags = []
+if debug:
+    cxx_flags.append("-g")
+
+setup(
+    name="torch_cnnbp",
+    version="0.1.0",
+    description="Hand-written C++ conv2d and max_pool2d forward and backward for PyTorch",
+    packages=find_packages(include=["torch_cnnbp", "torch_cnnbp.*"]),
+    ext_modules=[
+        CppExtension(
+            "torch_cnnbp._C",
+            sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy"],
+    extras_require={"demo": ["scikit-learn"], "test": ["pytest", "hypothesis"]},
+)
