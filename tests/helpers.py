@@ -1,0 +1,92 @@
+"""The one comparison harness every test uses: run our op and PyTorch's on the same inputs,
+forward and backward, and compare values and every gradient with a tolerance fitting the dtype."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import torch_cnnbp
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# (rtol, atol) per dtype. Half types: native accumulates in float like we do, but the two sum in
+# different orders and each rounds its result once to 8 (bf16) or 11 (fp16) bits.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
+    """torch.testing.assert_close with the project's tolerance for `dtype`; `scale` widens atol for
+    values that are sums of many terms (e.g. the weight gradient of a large batch)."""
+    rtol, atol = TOLERANCE[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{msg}\n{m}")
+
+
+def leaves(*tensors, dtype=None, requires_grad=True):
+    """Independent leaf copies (same values, same strides) for each framework to differentiate."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        c = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype)
+        c.copy_(t)
+        out.append(c.requires_grad_(requires_grad and c.is_floating_point()))
+    return out
+
+
+def compare_with_native(ours_fn, native_fn, inputs, dtype=None, grad_scale=1.0, msg=""):
+    """Runs both functions on separate leaf copies of `inputs`, backpropagates the same random
+    upstream gradient through the first output, and compares the outputs (all of them, indices
+    included) and the gradients of every floating input."""
+    a = leaves(*inputs)
+    b = leaves(*inputs)
+    out_a, out_b = ours_fn(*a), native_fn(*b)
+    tup_a = out_a if isinstance(out_a, tuple) else (out_a,)
+    tup_b = out_b if isinstance(out_b, tuple) else (out_b,)
+    assert len(tup_a) == len(tup_b)
+    for x, y in zip(tup_a, tup_b):
+        assert x.shape == y.shape, f"{msg}: shape {tuple(x.shape)} != {tuple(y.shape)}"
+        assert x.dtype == y.dtype, f"{msg}: dtype {x.dtype} != {y.dtype}"
+        if x.is_floating_point():
+            assert_close(x, y, dtype, msg=f"{msg}: output")
+        else:
+            assert torch.equal(x, y), f"{msg}: integer outputs differ"
+    wants = [t for t in a if t is not None and t.requires_grad]
+    if not wants:
+        return tup_a
+    g = torch.randn(tup_a[0].shape, dtype=torch.float64).to(tup_a[0].dtype)
+    grads_a = torch.autograd.grad(tup_a[0], wants, g, allow_unused=True)
+    grads_b = torch.autograd.grad(tup_b[0], [t for t in b if t is not None and t.requires_grad], g, allow_unused=True)
+    for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        if gb is None:
+            assert ga is None or not ga.any(), f"{msg}: gradient {i} should be zero"
+            continue
+        assert ga is not None, f"{msg}: gradient {i} missing"
+        assert ga.shape == gb.shape and ga.dtype == gb.dtype, f"{msg}: gradient {i} shape/dtype"
+        assert_close(ga, gb, dtype, scale=grad_scale, msg=f"{msg}: gradient {i}")
+    return tup_a
+
+
+def conv2d_pair(**kwargs):
+    """(ours, native) conv2d closures over keyword arguments."""
+    return (lambda x, w, b=None: torch_cnnbp.conv2d(x, w, b, **kwargs),
+            lambda x, w, b=None: F.conv2d(x, w, b, **kwargs))
+
+
+def max_pool2d_pair(**kwargs):
+    """(ours, native) max_pool2d closures over keyword arguments."""
+    return (lambda x: torch_cnnbp.max_pool2d(x, **kwargs), lambda x: F.max_pool2d(x, **kwargs))
+
+
+def no_native_kernels_ran(fn, forbidden=("convolution", "mkldnn", "im2col", "col2im", "unfold", "pool")):
+    """Runs fn under the profiler and returns the names of ATen ops whose names contain any of
+    `forbidden` (lower-case). Empty means only this project's kernels did that work."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    return sorted(n for n in names if n.startswith("aten::") and any(f in n.lower() for f in forbidden))
