@@ -16,8 +16,10 @@ except ImportError as e:  # pragma: no cover - exercised only without a build
         f"(original error: {e})"
     ) from e
 
+from . import _autocast, _vmap  # noqa: E402,F401  (autocast and vmap rules for the ops)
 from . import reference  # noqa: E402,F401
 from .functional import conv2d, max_pool2d  # noqa: E402
+from .modules import Conv2d, MaxPool2d, swap_modules, unswap_modules  # noqa: E402
 from .ops import (  # noqa: E402
     Conv2dBackwardFunction,
     Conv2dFunction,
@@ -28,6 +30,10 @@ from .ops import (  # noqa: E402
 __all__ = [
     "conv2d",
     "max_pool2d",
+    "Conv2d",
+    "MaxPool2d",
+    "swap_modules",
+    "unswap_modules",
     "Conv2dFunction",
     "Conv2dBackwardFunction",
     "MaxPool2dFunction",

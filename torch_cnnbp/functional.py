@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _args
+from ._autocast import cast_for_autocast
 from .ops import Conv2dFunction, MaxPool2dFunction
 
 
@@ -22,6 +23,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
             f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(input.shape)}"
         )
     stride, padding, dilation = _args.conv2d_args(weight, stride, padding, dilation)
+    input, weight, bias = cast_for_autocast(input, weight, bias)  # before autograd, as native autocast
     if input.dim() == 3:
         return Conv2dFunction.apply(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
     return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)

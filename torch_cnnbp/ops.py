@@ -69,6 +69,8 @@ class Conv2dFunction(torch.autograd.Function):
     padding as (top, bottom, left, right). ``torch_cnnbp.conv2d`` normalises the rest.
     """
 
+    generate_vmap_rule = True  # torch.func.vmap through forward and backward, by the ops' rules in _vmap.py
+
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, groups):
         return _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -98,6 +100,8 @@ class Conv2dBackwardFunction(torch.autograd.Function):
         ∂/∂w = grad_weight(δ, input=g_in)                (δ_in is bilinear in δ and w)
     which are again this project's ops, so any order of derivative works.
     """
+
+    generate_vmap_rule = True  # torch.func.vmap through forward and backward, by the ops' rules in _vmap.py
 
     @staticmethod
     def forward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
@@ -157,6 +161,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     Arguments are those of ``torch.ops.cnnbp.max_pool2d`` (4-D input, pairs for the rest).
     """
 
+    generate_vmap_rule = True  # torch.func.vmap through forward and backward, by the ops' rules in _vmap.py
+
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
         return _ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
@@ -176,6 +182,8 @@ class MaxPool2dFunction(torch.autograd.Function):
 class MaxPool2dBackwardFunction(torch.autograd.Function):
     """δ_in = scatter-add of δ through the argmax indices. It is linear in δ, and its adjoint is the
     gather of the upstream gradient at the same indices."""
+
+    generate_vmap_rule = True  # torch.func.vmap through forward and backward, by the ops' rules in _vmap.py
 
     @staticmethod
     def forward(grad_output, indices, input_shape):
