@@ -1,5 +1,7 @@
-"""vmap rules for the cnnbp ops, so that ``torch.func.vmap`` (and with it ``jacrev``, ``jacfwd``-free
-per-sample gradients, ``vmap(grad(...))``) runs through this project's kernels.
+"""vmap rules for the cnnbp ops, so that ``torch.func.vmap`` and what is built on it (``jacrev``,
+``hessian``-style ``jacrev(jacrev(...))``, per-sample gradients ``vmap(grad(...))``) run through this
+project's kernels. The autograd.Functions in ops.py set ``generate_vmap_rule = True``, so their forward
+and backward run under vmap and reach these rules.
 
 Each rule receives the ops' arguments with one extra vmapped dimension of size B on some of the
 tensors (its position in ``in_dims``, ``None`` for an unbatched tensor) and turns the B problems into
