@@ -104,3 +104,18 @@ def assert_close_within_native_error(actual, expected, exact, msg=""):
     scale = max(1.0, exact.abs().max().item())
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol,
                                atol=atol * scale + 2 * native_error, msg=lambda m: f"{msg}\n{m}")
+
+
+class single_thread:
+    """Context manager running its body with one intra-op thread. For finite-difference checks
+    (gradcheck / gradgradcheck), which call the ops thousands of times on tiny tensors: with two
+    threads on a loaded two-core machine each call's parallel region costs far more than its work."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+        return False
