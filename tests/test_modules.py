@@ -299,7 +299,7 @@ def test_swap_carries_state_and_optimizer_keeps_working():
     params_before = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     calls = []
-    model[0].register_forward_hook(lambda *_: calls.append(1))
+    handle = model[0].register_forward_hook(lambda *_: calls.append(1))
 
     assert torch_cnnbp.swap_modules(model) is model
     conv = model[0]
@@ -310,6 +310,9 @@ def test_swap_carries_state_and_optimizer_keeps_working():
     model(torch.randn(2, 3, 4, 4, dtype=torch.float64)).sum().backward()
     optimizer.step()
     assert not torch.equal(model[3].weight, before)
+    assert calls == [1]
+    handle.remove()  # a handle from before the swap still works
+    model(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert calls == [1]
 
 

@@ -53,8 +53,11 @@ def _recast(module: nn.Module, cls: Type[nn.Module]) -> nn.Module:
     attributes. The native and our classes hold identical state, so nothing needs converting."""
     new = cls.__new__(cls)
     for name, value in vars(module).items():
-        # Own copies of the containers (_parameters, _buffers, hook dicts, ...), not of the tensors.
-        new.__dict__[name] = value.copy() if isinstance(value, dict) else value
+        # Own copies of the state containers (_parameters, _buffers, _modules, ...), not of the tensors.
+        # The hook dicts stay shared, so handles returned by register_*_hook before the swap still remove them.
+        if isinstance(value, (dict, set)) and "hook" not in name:
+            value = value.copy()
+        new.__dict__[name] = value
     return new
 
 
@@ -80,8 +83,8 @@ def swap_modules(model: nn.Module) -> nn.Module:
     model.
 
     The model is changed in place (like ``model.to(...)``); the new modules hold the very same
-    parameter and buffer tensors, so device, dtype, ``requires_grad``, the training flag and any
-    optimizer already built on ``model.parameters()`` carry over. Only modules whose type is exactly
+    parameter and buffer tensors, so device, dtype, ``requires_grad``, the training flag, registered
+    hooks and any optimizer already built on ``model.parameters()`` carry over. Only modules whose type is exactly
     the native class are swapped; subclasses of it are left alone. If `model` itself is a Conv2d or
     MaxPool2d, use the returned module. ``unswap_modules`` goes back.
     """
