@@ -87,3 +87,17 @@ def test_suite_covers_the_issue(capsys):
 def test_threads_option_rejects_bad_counts(bad):
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--threads", bad])
+
+
+def test_memory_fallback_without_clear_refs(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    case = bench.select_cases(quick=True, filters=["lenet5.c3"])[0]
+    spec = {"case": dataclasses.asdict(case), "dtype": "float32", "mode": "fwdbwd",
+            "threads": torch.get_num_threads(), "impl": "ours"}
+    result = bench.memory_worker(spec)
+    assert result["method"].startswith("ru_maxrss") and result["peak_extra_bytes"] >= 0
+    assert result["result_bytes"] > 0

@@ -32,13 +32,14 @@ Before timing, each case's outputs and gradients are compared with native's (rel
 tolerance per dtype); a disagreement is flagged in the table and the JSON, the timing still runs.
 
 ``--memory``: peak memory of one forward+backward (forward in fwd mode), ours and native each in a
-fresh subprocess: after a warm-up call on a small input (thread pools, library initialisation) and
-with the inputs allocated, the process's peak RSS is reset (``echo 5 > /proc/self/clear_refs``) and
-the extra resident memory of the first call at the case's shape is VmHWM - VmRSS, read from
-/proc/self/status. It counts every page the call touches (output, saved tensors, gradients, scratch
-buffers of any library), not only tensors. Where clear_refs is unavailable,
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` minus the RSS before the call is used instead (a lower
-bound if import had a higher peak); the output says which.
+fresh process (forked from a server that has only imported torch and torch_cnnbp): after a warm-up
+call on a small input (thread pools, library initialisation) and with the inputs allocated, the
+process's peak RSS is reset (``echo 5 > /proc/self/clear_refs``) and the extra resident memory of
+the first call at the case's shape is VmHWM - VmRSS, read from /proc/self/status. It counts every
+page the call touches (output, saved tensors, gradients, scratch buffers of any library), not only
+tensors. Where clear_refs is unavailable, the growth of ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
+during the call is used instead (a lower bound: the process may have peaked higher before the call);
+the output says which.
 
 Issue 4's targets (section 2) that apply to a run are printed under its summary, marked met or not;
 they are stated for 2 threads.
@@ -145,7 +146,8 @@ class Case:
         if not self.is_conv:
             return 0
         oh, ow = self.output_size
-        forward = 2 * self.batch * self.out_channels * oh * ow * (self.channels // self.groups) * self.kernel[0] * self.kernel[1]
+        taps = (self.channels // self.groups) * self.kernel[0] * self.kernel[1]
+        forward = 2 * self.batch * self.out_channels * oh * ow * taps
         return forward * (3 if mode == "fwdbwd" else 1)
 
     def traffic_bytes(self, mode: str, dtype: torch.dtype) -> int:
@@ -327,10 +329,12 @@ def stats(seconds: Sequence[float]) -> dict:
 
 def time_interleaved(a: Callable[[], float], b: Callable[[], float], budget: Budget):
     """Warm-up rounds, then rounds of a() and b() alternating (A B A B ...), as many as fit the
-    budget. Returns the two lists of seconds."""
-    for _ in range(budget.warmup_rounds):
-        a()
-        b()
+    budget (but at least min_rounds). Returns the two lists of seconds."""
+    warmup_s = 0.0
+    for _ in range(budget.warmup_rounds):  # at least one; fewer when rounds are slow
+        warmup_s += a() + b()
+        if warmup_s > budget.seconds / 3:
+            break
     round_s = a() + b()
     rounds = int(min(budget.max_rounds, max(budget.min_rounds, budget.seconds / max(round_s, 1e-9))))
     times_a, times_b = [], []
@@ -379,7 +383,7 @@ def run_case(case: Case, dtype: torch.dtype, mode: str, budget: Budget) -> dict:
     return result
 
 
-# ---- memory: one subprocess per (case, implementation) ---------------------------------------
+# ---- memory: one fresh process per (case, implementation) -------------------------------------
 
 
 def _status_kb(field: str) -> int:
@@ -448,31 +452,68 @@ def memory_worker(spec: dict) -> dict:
     if exact:
         peak_kb, method = _status_kb("VmHWM"), "VmHWM after clear_refs"
     else:
-        peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, before_max_kb)
-        method = "ru_maxrss (lower bound)"
+        # Growth of the lifetime high-water mark: a lower bound of peak - before_kb.
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_max_kb + before_kb
+        method = "ru_maxrss growth (lower bound)"
     tensors_bytes = sum(t.numel() * t.element_size() for t in results if t is not None)
     return {"peak_extra_bytes": max(0, peak_kb - before_kb) * 1024, "result_bytes": tensors_bytes,
             "method": method}
 
 
-def measure_memory(case: Case, dtype_name: str, mode: str, threads: int) -> dict:
-    """Runs `memory_worker` for ours and for native, each in a fresh Python."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+def _memory_child(spec: dict, conn) -> None:
+    try:
+        conn.send(("ok", memory_worker(spec)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        import traceback
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+_MEMORY_CONTEXT = None
+
+
+def _memory_context():
+    """Fresh processes without paying for `import torch` each time: a fork server that has imported
+    torch and torch_cnnbp (and run nothing, so no thread pool exists yet) forks one child per
+    measurement. Where there is no fork server, spawn (a new interpreter) does the same, slower."""
+    global _MEMORY_CONTEXT
+    if _MEMORY_CONTEXT is None:
+        import multiprocessing
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _MEMORY_CONTEXT = multiprocessing.get_context("forkserver")
+            _MEMORY_CONTEXT.set_forkserver_preload(["torch_cnnbp.bench"])
+        else:
+            _MEMORY_CONTEXT = multiprocessing.get_context("spawn")
+    return _MEMORY_CONTEXT
+
+
+def measure_memory(case: Case, dtype_name: str, mode: str, threads: int, timeout_s: float = 600) -> dict:
+    """Runs `memory_worker` for ours and for native, each in a fresh process."""
+    ctx = _memory_context()
+    from torch_cnnbp import bench  # the child finds the target by its module name
     out = {}
     for impl in ("ours", "native"):
         spec = {"case": dataclasses.asdict(case), "dtype": dtype_name, "mode": mode, "threads": threads,
                 "impl": impl}
-        for attempt in range(3):  # the extension may be being rebuilt in place: retry a failed import
-            proc = subprocess.run([sys.executable, "-m", "torch_cnnbp.bench", "--memory-worker", json.dumps(spec)],
-                                  capture_output=True, text=True, env=env, timeout=600)
-            if proc.returncode == 0 or "ImportError" not in proc.stderr:
-                break
-            time.sleep(2.0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker for {case.name} ({impl}) failed:\n{proc.stderr[-2000:]}")
-        out[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=bench._memory_child, args=(spec, sender), daemon=True)
+        child.start()
+        sender.close()
+        try:
+            status, payload = receiver.recv() if receiver.poll(timeout_s) else ("error", "timed out")
+        except EOFError:
+            status, payload = "error", "the process died without a result"
+        finally:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+            receiver.close()
+        if status != "ok":
+            raise RuntimeError(f"memory measurement of {case.name} ({impl}) failed (exit code "
+                               f"{child.exitcode}):\n{payload}")
+        out[impl] = payload
     out["ratio"] = out["ours"]["peak_extra_bytes"] / max(out["native"]["peak_extra_bytes"], 1)
     out["method"] = out["ours"]["method"]
     return out
@@ -622,7 +663,8 @@ def print_summary(summary: dict, targets: List[dict], threads: int) -> None:
         line = (f"  {family:<26} {fam['cases']:>3} cases  geomean {fam['geomean_ratio']:6.3f}  "
                 f"min {fam['min_ratio']:6.3f}  max {fam['max_ratio']:6.3f} ({fam['max_ratio_case']})")
         if "memory_max_ratio" in fam:
-            line += f"\n  {'':<26} peak memory ours/native max {fam['memory_max_ratio']:.3f} ({fam['memory_max_ratio_case']})"
+            line += (f"\n  {'':<26} peak memory ours/native max {fam['memory_max_ratio']:.3f} "
+                     f"({fam['memory_max_ratio_case']})")
         print(line)
     print(f"  max ratio overall: {summary['max_ratio']:.3f} ({summary['max_ratio_case']})")
     if summary["disagreements"]:
@@ -696,16 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true",
                    help="also measure peak memory of one call, ours vs native, a fresh process each")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
-    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.memory_worker:
-        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
-        return 0
-
     cases = select_cases(args.quick, args.filter)
     if args.list:
         for case in cases:
@@ -742,8 +779,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.memory:
             print(f"\npeak memory of one {'forward+backward' if args.mode == 'fwdbwd' else 'forward'} "
                   f"(MiB above the RSS before the call; fresh process per case and implementation)")
-            print(f"{'#':>6}  {'case':<{NAME_WIDTH}} {'ours MiB':>9} {'native MiB':>10} {'ours/nat':>8} {'results MiB':>10}",
-                  flush=True)
+            print(f"{'#':>6}  {'case':<{NAME_WIDTH}} {'ours MiB':>9} {'native MiB':>10} {'ours/nat':>8} "
+                  f"{'results MiB':>10}", flush=True)
             for i, (case, r) in enumerate(zip(cases, results), 1):
                 r["memory"] = measure_memory(case, args.dtype, args.mode, threads)
                 print(format_memory_row(i, len(cases), r), flush=True)
@@ -768,6 +805,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nwrote {args.json}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
