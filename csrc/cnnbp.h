@@ -50,6 +50,12 @@ inline Range valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_
   return {lo, hi};
 }
 
+// Grain size for at::parallel_for over items of about `work` elementary steps each: ranges with
+// less than ~32K steps in total run on the calling thread (waking threads costs more).
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, int64_t(32768) / std::max<int64_t>(1, work));
+}
+
 // Half types are computed in float: the kernels see float or double only.
 inline bool is_reduced_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;

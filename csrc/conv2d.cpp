@@ -89,6 +89,8 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
   s.dh = dilation[0], s.dw = dilation[1];
   s.groups = groups;
 
+  TORCH_CHECK(s.KH > 0 && s.KW > 0, "conv2d: weight should have at least one element in each kernel dimension, but got weight of size ",
+              weight.sizes());
   TORCH_CHECK(s.K >= groups, "Given groups=", groups, ", expected weight to be at least ", groups,
               " at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(s.K % groups == 0, "Given groups=", groups, ", expected weight to be divisible by ",
@@ -125,7 +127,7 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 template <typename T>
 void im2col(const T* in, T* col, const ConvShape& s) {
   const int64_t KHW = s.KH * s.KW, OW = s.OW;
-  at::parallel_for(0, s.col_rows(), 8, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, s.col_rows(), grain_for(s.out_plane()), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;
       const T* plane = in + c * s.in_plane();
@@ -155,7 +157,7 @@ void im2col(const T* in, T* col, const ConvShape& s) {
 template <typename T>
 void col2im(const T* col, T* grad_in, const ConvShape& s) {
   const int64_t OW = s.OW;
-  at::parallel_for(0, s.Cg(), 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * s.out_plane()), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* plane = grad_in + c * s.in_plane();
       for (int64_t m = 0; m < s.KH; ++m) {
@@ -350,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
       const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
       scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
       const int64_t plane = s.out_plane();
-      at::parallel_for(0, s.K, 1, [&](int64_t k0, int64_t k1) {
+      at::parallel_for(0, s.K, grain_for(s.N * plane), [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           double acc = 0;
           for (int64_t n = 0; n < s.N; ++n) {

@@ -11,6 +11,7 @@
 // (the last NaN, in scan order), so NaN propagates as in PyTorch.
 
 #include "cnnbp.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace cnnbp {
 namespace {
@@ -86,16 +88,123 @@ inline void window(int64_t start, int64_t k, int64_t dilation, int64_t len, int6
 }
 
 template <typename T>
-inline bool is_nan(T v) {
+CNNBP_ALWAYS_INLINE bool is_nan(T v) {
   if constexpr (std::is_floating_point_v<T>) {
-    return std::isnan(v);
+    return v != v;
   } else {
     return false;
   }
 }
 
 template <typename T>
-void max_pool2d_plane(const T* in, T* out, int64_t* idx, const PoolShape& s) {
+CNNBP_ALWAYS_INLINE auto lowest_value() {
+  using acc_t = at::opmath_type<T>;
+  return std::numeric_limits<acc_t>::has_infinity ? -std::numeric_limits<acc_t>::infinity()
+                                                  : std::numeric_limits<acc_t>::lowest();
+}
+
+// The running maximum of one window gets a candidate: a strictly larger value or a NaN takes over
+// (so ties keep the earlier tap and NaN propagates). Written branch-free so that the loops over
+// output columns (NCHW) or channels (channels_last) vectorise.
+template <typename A, typename I>
+CNNBP_ALWAYS_INLINE void offer(A val, I at, A& best, I& best_at) {
+  const bool take = (val > best) | is_nan(val);
+  best = take ? val : best;
+  best_at = take ? at : best_at;
+}
+
+// Copies one input row into its padded, phase-split buffer (see max_pool2d_plane_rows).
+template <typename T, typename A>
+CNNBP_ALWAYS_INLINE void fill_phases(const T* row, A* phases, int64_t phase_len, const PoolShape& s, A low) {
+  if (s.sw == 1) {
+    const int64_t body = std::min(s.W, phase_len - s.pw);
+    for (int64_t t = 0; t < s.pw; ++t) phases[t] = low;
+    for (int64_t v = 0; v < body; ++v) phases[s.pw + v] = static_cast<A>(row[v]);
+    for (int64_t t = s.pw + body; t < phase_len; ++t) phases[t] = low;
+    return;
+  }
+  for (int64_t r = 0; r < s.sw; ++r) {
+    A* ph = phases + r * phase_len;
+    // positions t of phase r that hold input v = t·sw + r − pw inside [0, W)
+    const Range rt = valid_range(phase_len, s.W, s.sw, r - s.pw);
+    for (int64_t t = 0; t < rt.lo; ++t) ph[t] = low;
+    const T* src = row + (r - s.pw);
+    if (s.sw == 2) {
+      for (int64_t t = rt.lo; t < rt.hi; ++t) ph[t] = static_cast<A>(src[2 * t]);
+    } else {
+      for (int64_t t = rt.lo; t < rt.hi; ++t) ph[t] = static_cast<A>(src[t * s.sw]);
+    }
+    for (int64_t t = rt.hi; t < phase_len; ++t) ph[t] = low;
+  }
+}
+
+// Offers taps q0 … q0 + KW − 1 of one window row to every output of the row. KW is a compile-time
+// count so that the running maximum of an output stays in a register across the taps.
+template <int KW, typename A>
+CNNBP_ALWAYS_INLINE void offer_row_taps(const A* phases, int64_t phase_len, int32_t row_at, const PoolShape& s,
+                                        A* best, int32_t* best_at, int64_t q0 = 0) {
+  const A* src[KW];
+  int32_t at0[KW];
+  for (int q = 0; q < KW; ++q) {
+    const int64_t u0 = (q0 + q) * s.dw;  // padded position read by output 0
+    src[q] = phases + (u0 % s.sw) * phase_len + u0 / s.sw;
+    at0[q] = row_at + static_cast<int32_t>(u0);
+  }
+  const int32_t sw = static_cast<int32_t>(s.sw);
+  for (int64_t j = 0; j < s.OW; ++j) {
+    A b = best[j];
+    int32_t a = best_at[j];
+    const int32_t step = static_cast<int32_t>(j) * sw;
+    for (int q = 0; q < KW; ++q) offer(src[q][j], at0[q] + step, b, a);
+    best[j] = b;
+    best_at[j] = a;
+  }
+}
+
+// NCHW: one plane, one output row at a time. Each input row of the window is first copied into a
+// padded buffer split by stride phase (phase r holds padded positions r, r + sw, r + 2·sw, …) with
+// −inf (the lowest value) in the padding, so that every tap reads a contiguous run of the buffer
+// and padding can never win. Taps are then offered in window scan order (m, then q), each to the
+// whole output row at once: the inner loops run along W without branches and vectorise.
+// Indices are kept as int32 while a row is built (planes of up to 2^31 elements).
+template <typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx, const PoolShape& s,
+                                               at::opmath_type<T>* phases, int64_t phase_len,
+                                               at::opmath_type<T>* best, int32_t* best_at) {
+  using acc_t = at::opmath_type<T>;
+  const acc_t low = lowest_value<T>();
+  for (int64_t i = 0; i < s.OH; ++i) {
+    int64_t h0, h1;
+    window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
+    // Start from the first in-image tap with the lowest value, as PyTorch does: an all −inf
+    // window reports its first tap.
+    for (int64_t j = 0; j < s.OW; ++j) {
+      int64_t v0, v1;
+      window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
+      best[j] = low;
+      best_at[j] = static_cast<int32_t>(h0 * s.W + v0);
+    }
+    for (int64_t h = h0; h < h1; h += s.dh) {
+      const T* row = in + h * s.W;
+      fill_phases(row, phases, phase_len, s, low);
+      const int32_t row_at = static_cast<int32_t>(h * s.W - s.pw);
+      switch (s.kw) {  // the taps of one window row, unrolled for the common kernel widths
+        case 2: offer_row_taps<2>(phases, phase_len, row_at, s, best, best_at); break;
+        case 3: offer_row_taps<3>(phases, phase_len, row_at, s, best, best_at); break;
+        default:
+          for (int64_t q = 0; q < s.kw; ++q) offer_row_taps<1>(phases, phase_len, row_at, s, best, best_at, q);
+      }
+    }
+    for (int64_t j = 0; j < s.OW; ++j) {
+      out[i * s.OW + j] = static_cast<T>(best[j]);
+      idx[i * s.OW + j] = best_at[j];
+    }
+  }
+}
+
+// The same for planes too large for int32 indices: one window at a time, int64 throughout.
+template <typename T>
+void max_pool2d_plane_windows(const T* in, T* out, int64_t* idx, const PoolShape& s) {
   using acc_t = at::opmath_type<T>;
   for (int64_t i = 0; i < s.OH; ++i) {
     int64_t h0, h1;
@@ -103,27 +212,52 @@ void max_pool2d_plane(const T* in, T* out, int64_t* idx, const PoolShape& s) {
     for (int64_t j = 0; j < s.OW; ++j) {
       int64_t v0, v1;
       window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
-      int64_t best = h0 * s.W + v0;
-      acc_t best_val = std::numeric_limits<acc_t>::has_infinity
-                           ? -std::numeric_limits<acc_t>::infinity()
-                           : std::numeric_limits<acc_t>::lowest();
-      for (int64_t h = h0; h < h1; h += s.dh) {
-        for (int64_t v = v0; v < v1; v += s.dw) {
-          const int64_t at = h * s.W + v;
-          const acc_t val = static_cast<acc_t>(in[at]);
-          if (val > best_val || is_nan(val)) {
-            best_val = val;
-            best = at;
-          }
-        }
-      }
-      out[i * s.OW + j] = static_cast<T>(best_val);
-      idx[i * s.OW + j] = best;
+      int64_t best_at = h0 * s.W + v0;
+      acc_t best = lowest_value<T>();
+      for (int64_t h = h0; h < h1; h += s.dh)
+        for (int64_t v = v0; v < v1; v += s.dw) offer(static_cast<acc_t>(in[h * s.W + v]), h * s.W + v, best, best_at);
+      out[i * s.OW + j] = static_cast<T>(best);
+      idx[i * s.OW + j] = best_at;
     }
   }
 }
 
+// channels_last (N, H, W, C in memory): for one output pixel, every tap is offered to all C
+// channels at once: the inner loop runs along C, contiguous in memory.
+template <typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_pixel_cl(const T* in_n, T* out_px, int64_t* idx_px, int64_t i, int64_t j,
+                                             int64_t C, const PoolShape& s, at::opmath_type<T>* best,
+                                             int32_t* best_at) {
+  using acc_t = at::opmath_type<T>;
+  int64_t h0, h1, v0, v1;
+  window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
+  window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
+  const acc_t low = lowest_value<T>();
+  const int32_t first = static_cast<int32_t>(h0 * s.W + v0);
+  for (int64_t c = 0; c < C; ++c) {
+    best[c] = low;
+    best_at[c] = first;
+  }
+  for (int64_t h = h0; h < h1; h += s.dh) {
+    for (int64_t v = v0; v < v1; v += s.dw) {
+      const T* px = in_n + (h * s.W + v) * C;
+      const int32_t at = static_cast<int32_t>(h * s.W + v);
+      for (int64_t c = 0; c < C; ++c) offer(static_cast<acc_t>(px[c]), at, best[c], best_at[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    out_px[c] = static_cast<T>(best[c]);
+    idx_px[c] = best_at[c];
+  }
+}
+
 }  // namespace
+
+// Memory layout of the result: channels_last when the input is laid out that way (and only that
+// way); torch_cnnbp/ops.py's fake kernel applies the same rule.
+bool use_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
                                                       at::IntArrayRef kernel_size,
@@ -131,20 +265,55 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
                                                       at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, bool ceil_mode) {
   const PoolShape s = check_max_pool2d(input_, kernel_size, stride, padding, dilation, ceil_mode);
-  const at::Tensor input = input_.contiguous();
-  at::Tensor output = at::empty({input.size(0), input.size(1), s.OH, s.OW}, input.options());
-  at::Tensor indices = at::empty(output.sizes(), input.options().dtype(at::kLong));
+  const bool cl = use_channels_last(input_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor input = input_.contiguous(format);
+  const int64_t N = input.size(0), C = input.size(1);
+  at::Tensor output = at::empty({N, C, s.OH, s.OW}, input.options().memory_format(format));
+  at::Tensor indices = at::empty({N, C, s.OH, s.OW}, input.options().dtype(at::kLong).memory_format(format));
+  if (output.numel() == 0) return {output, indices};
   // Integer inputs pool too (as in PyTorch); only floating types have a gradient.
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnbp::max_pool2d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
-    at::parallel_for(0, s.planes, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        max_pool2d_plane(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s);
-      }
-    });
+    if (cl) {
+      // Split over output pixels (n, i, j): each writes its own C outputs.
+      // Split over output pixels (n, i, j): each writes its own C outputs. Indices are built as
+      // int32, so planes must stay under 2^31 elements here.
+      TORCH_CHECK(in_plane < (int64_t(1) << 31), "max_pool2d: channels_last planes of 2^31 elements or more are not supported");
+      at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
+        std::vector<acc_t> best(C);
+        std::vector<int32_t> best_at(C);
+        run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n = p / out_plane, ij = p % out_plane;
+            max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s,
+                                best.data(), best_at.data());
+          }
+        });
+      });
+    } else if (in_plane < (int64_t(1) << 31)) {
+      // Split over planes (n, c).
+      // Each stride phase of a padded row holds the positions read by OW outputs and kw taps.
+      const int64_t phase_len = s.OW + ((s.kw - 1) * s.dw) / s.sw + 1;
+      at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
+        std::vector<acc_t> phases(s.sw * phase_len), best(s.OW);
+        std::vector<int32_t> best_at(s.OW);
+        run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+          for (int64_t p = p0; p < p1; ++p)
+            max_pool2d_plane_rows(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s, phases.data(),
+                                  phase_len, best.data(), best_at.data());
+        });
+      });
+    } else {
+      at::parallel_for(0, s.planes, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          max_pool2d_plane_windows(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s);
+      });
+    }
   });
   return {output, indices};
 }
@@ -164,29 +333,55 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
               indices_.sizes(), " do not match input_size ", input_size);
   for (auto d : input_size) TORCH_CHECK(d >= 0, "max_pool2d_backward: negative input_size ", input_size);
 
-  const at::Tensor grad_output = grad_output_.contiguous(), indices = indices_.contiguous();
-  at::Tensor grad_input = at::zeros(input_size, grad_output.options());
-  const int64_t planes = input_size[0] * input_size[1];
+  // Same layout as the forward made: channels_last indices give a channels_last gradient.
+  const bool cl = use_channels_last(indices_);
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor grad_output = grad_output_.contiguous(format), indices = indices_.contiguous(format);
+  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(format)).zero_();
+  const int64_t N = input_size[0], C = input_size[1];
   const int64_t in_plane = input_size[2] * input_size[3];
   const int64_t out_plane = grad_output.size(2) * grad_output.size(3);
-  if (planes == 0 || out_plane == 0) return grad_input;
+  if (N * C == 0 || out_plane == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "cnnbp::max_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gin = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        scalar_t* g = gin + p * in_plane;
-        for (int64_t ij = 0; ij < out_plane; ++ij) {
-          const int64_t at = idx[p * out_plane + ij];
-          TORCH_CHECK(at >= 0 && at < in_plane, "max_pool2d_backward: index ", at,
-                      " is outside the input plane of ", in_plane, " elements");
-          g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) +
-                                        static_cast<acc_t>(d[p * out_plane + ij]));
+    auto check = [&](int64_t at) {
+      TORCH_CHECK(at >= 0 && at < in_plane, "max_pool2d_backward: index ", at,
+                  " is outside the input plane of ", in_plane, " elements");
+    };
+    if (cl) {
+      // Split over (sample, block of channels): a block's gradients are written by one thread.
+      constexpr int64_t kBlock = 64;
+      const int64_t blocks = (C + kBlock - 1) / kBlock;
+      at::parallel_for(0, N * blocks, grain_for(out_plane * kBlock), [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
+          scalar_t* g = gin + n * in_plane * C;
+          for (int64_t ij = 0; ij < out_plane; ++ij) {
+            const int64_t off = (n * out_plane + ij) * C;
+            for (int64_t c = c0; c < c1; ++c) {
+              const int64_t at = idx[off + c];
+              check(at);
+              g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+            }
+          }
         }
-      }
-    });
+      });
+    } else {
+      // Split over planes (n, c): a plane's gradient is written by one thread.
+      at::parallel_for(0, N * C, grain_for(out_plane), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          scalar_t* g = gin + p * in_plane;
+          for (int64_t ij = 0; ij < out_plane; ++ij) {
+            const int64_t at = idx[p * out_plane + ij];
+            check(at);
+            g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(d[p * out_plane + ij]));
+          }
+        }
+      });
+    }
   });
   return grad_input;
 }

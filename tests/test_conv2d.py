@@ -427,12 +427,6 @@ def test_opcheck_conv2d(name):
     torch.library.opcheck(ops.conv2d.default, _conv2d_op_args()[name])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: cnnbp::conv2d has no autograd kernel registered on the op (autograd lives only in "
-           "Conv2dFunction); called directly on inputs that require grad, the C++ kernel's at::mm_out/addmm_out "
-           "raise 'functions with out=... arguments don't support automatic differentiation'",
-)
 @pytest.mark.parametrize("name", ["f64_bias_groups_asym_pad", "f32_no_bias"])
 def test_opcheck_conv2d_requires_grad(name):
     args = list(_conv2d_op_args()[name])
@@ -559,7 +553,7 @@ def test_bad_input_rejected(case):
 @pytest.mark.parametrize("arg", ["stride", "dilation", "padding"])
 def test_three_element_tuple_rejected(arg):
     """A 3-element stride/dilation/padding is refused, with a message naming the argument
-    (the exception class is checked by the xfail test below)."""
+    (the exception class is checked by the test below)."""
     x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"{arg}.*\(1, 1, 1\)"):
         torch_cnnbp.conv2d(x, w, **{arg: (1, 1, 1)})
@@ -567,11 +561,6 @@ def test_three_element_tuple_rejected(arg):
         F.conv2d(x, w, **{arg: (1, 1, 1)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: torch_cnnbp.conv2d raises TypeError (from _args.pair) for a 3-element stride "
-           "where native F.conv2d raises RuntimeError, so `except RuntimeError` code written for native misses it",
-)
 def test_three_element_stride_raises_like_native():
     x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3)
     with pytest.raises(RuntimeError):

@@ -225,9 +225,6 @@ def test_export_graph_contains_our_ops():
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="C++ kernels call at::addmm_out/mm_out with autograd still enabled, so a direct call of "
-                          "torch.ops.cnnbp.conv2d with a weight that requires grad raises (csrc bug, reported)")
 def test_exported_program_runs_with_grad_enabled():
     """As a user calls it: parameters that require grad, no torch.no_grad()."""
     model, x = export_model(), torch.randn(2, 3, 16, 16)
@@ -280,3 +277,16 @@ def test_autocast_max_pool_keeps_dtype_and_float64_is_not_cast():
         out = ops.conv2d(x32, w64.float(), None, [1, 1], [0, 0, 0, 0], [1, 1], 1)
         assert out.dtype == torch.bfloat16
     assert ops.conv2d(x32, w64.float(), None, [1, 1], [0, 0, 0, 0], [1, 1], 1).dtype == torch.float32
+
+
+def test_exported_program_is_differentiable():
+    """The cnnbp ops carry their own autograd registration, so the exported graph trains too."""
+    model, x = export_model(), torch.randn(2, 3, 16, 16)
+    program = torch.export.export(model, (x,))
+    module = program.module()
+    module(x).square().sum().backward()
+    model(x).square().sum().backward()
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    assert grads and all(g is not None for g in grads.values())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)

@@ -475,7 +475,7 @@ def test_bad_input_rejected(case):
 @pytest.mark.parametrize("arg", ["kernel_size", "stride", "padding", "dilation"])
 def test_three_element_tuple_rejected(arg):
     """A 3-element kernel_size/stride/padding/dilation is refused with a message naming the argument
-    (the exception class is checked by the xfail test below)."""
+    (the exception class is checked by the test below)."""
     kw = dict(kernel_size=2)
     kw[arg] = (1, 1, 1) if arg != "kernel_size" else (2, 2, 2)
     x = torch.randn(*X)
@@ -485,11 +485,6 @@ def test_three_element_tuple_rejected(arg):
         F.max_pool2d(x, **kw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: torch_cnnbp.max_pool2d raises TypeError (from _args.pair) for a 3-element kernel_size "
-           "where native F.max_pool2d raises RuntimeError",
-)
 def test_three_element_kernel_size_raises_like_native():
     x = torch.randn(*X)
     with pytest.raises(RuntimeError):

@@ -17,6 +17,13 @@ def _is_int(v) -> bool:
     return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
 
 
+def integer(op: str, name: str, value):
+    """An int argument (PyTorch raises TypeError for anything else, bool included)."""
+    if not _is_int(value):
+        raise TypeError(f"{op}: {name} must be an int, but got {value!r}")
+    return value
+
+
 def pair(op: str, name: str, value, allow_empty: bool = False) -> Pair:
     """An int or a sequence of one or two ints, as a pair (PyTorch's `_pair` with its checks)."""
     if _is_int(value):
@@ -28,6 +35,8 @@ def pair(op: str, name: str, value, allow_empty: bool = False) -> Pair:
                 return (items[0], items[0])
             if len(items) == 2:
                 return (items[0], items[1])
+            # the right type, the wrong length: PyTorch raises RuntimeError here
+            raise RuntimeError(f"{op}: {name} must be an int or a tuple of two ints, but got {value!r}")
     raise TypeError(
         f"{op}: {name} must be an int or a tuple of two ints, but got {value!r}"
     )

@@ -23,6 +23,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
             f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(input.shape)}"
         )
     stride, padding, dilation = _args.conv2d_args(weight, stride, padding, dilation)
+    groups = _args.integer("conv2d", "groups", groups)
     input, weight, bias = cast_for_autocast(input, weight, bias)  # before autograd, as native autocast
     if input.dim() == 3:
         return Conv2dFunction.apply(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups).squeeze(0)
@@ -34,12 +35,19 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     """Same signature and results as ``torch.nn.functional.max_pool2d`` (indices included),
     computed by this project's C++. input: (N, C, H, W) or unbatched (C, H, W)."""
     kernel_size, stride, padding, dilation = _args.max_pool2d_args(kernel_size, stride, padding, dilation)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"max_pool2d: ceil_mode must be a bool, but got {ceil_mode!r}")
     if input.dim() not in (3, 4):
         raise RuntimeError(
             "max_pool2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
             f"but got input of size: {list(input.shape)}"
         )
     unbatched = input.dim() == 3
+    if unbatched and input.numel() == 0:
+        raise RuntimeError(
+            "max_pool2d: expected a 3-D (C, H, W) input with non-zero C, H and W, "
+            f"but got input of size: {list(input.shape)}"
+        )
     output, indices = MaxPool2dFunction.apply(
         input.unsqueeze(0) if unbatched else input, kernel_size, stride, padding, dilation, bool(ceil_mode)
     )

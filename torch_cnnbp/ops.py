@@ -51,12 +51,22 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
     oh, ow = _args.max_pool2d_output_size(input.shape[2:], kernel_size, stride, padding, dilation, ceil_mode)
     torch._check(oh > 0 and ow > 0, lambda: "max_pool2d: output size is too small")
     shape = (input.shape[0], input.shape[1], oh, ow)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+    fmt = _pool_memory_format(input)
+    return (torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt),
+            torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt))
 
 
 @torch.library.register_fake("cnnbp::max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, indices, input_size):
-    return grad_output.new_empty(input_size)
+    return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=_pool_memory_format(indices))
+
+
+def _pool_memory_format(t):
+    """The layout max_pool2d gives its results (the same rule as csrc/max_pool2d.cpp): channels_last
+    when the tensor is laid out that way and only that way."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 # ---- conv2d autograd --------------------------------------------------------------------------
@@ -198,3 +208,20 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         gathered = g_input.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
         return gathered, None, None
+
+
+# ---- autograd on the ops themselves -----------------------------------------------------------
+# The same forward/backward pairs, registered on the ops, so that torch.ops.cnnbp.* called directly
+# (by a traced or exported graph, or by a user) is differentiable too.
+
+def _register_autograd(name, function):
+    def backward(ctx, *grads):
+        return function.backward(ctx, *grads)
+
+    torch.library.register_autograd(f"cnnbp::{name}", backward, setup_context=function.setup_context)
+
+
+_register_autograd("conv2d", Conv2dFunction)
+_register_autograd("conv2d_backward", Conv2dBackwardFunction)
+_register_autograd("max_pool2d", MaxPool2dFunction)
+_register_autograd("max_pool2d_backward", MaxPool2dBackwardFunction)

@@ -1,0 +1,77 @@
+// Run-time choice of instruction set for the hot loops.
+//
+// A kernel body is written once, as plain loops in an always-inline lambda; run_with_isa()
+// instantiates it three times: compiled for AVX-512, for AVX2+FMA, and for the baseline x86-64
+// (or whatever architecture this is built on), and calls the best one the CPU supports. The
+// environment variable CNNBP_SIMD=portable|avx2|avx512 caps the choice (read once, at load), so the
+// portable path can be tested on any machine.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#define CNNBP_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace cnnbp {
+
+enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CNNBP_X86 1
+#define CNNBP_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CNNBP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#endif
+
+inline Isa detect_isa() {
+  Isa best = Isa::portable;
+#ifdef CNNBP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+  if (best == Isa::avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::avx512;
+#endif
+  if (const char* cap = std::getenv("CNNBP_SIMD")) {
+    Isa limit = best;
+    if (!std::strcmp(cap, "portable")) limit = Isa::portable;
+    else if (!std::strcmp(cap, "avx2")) limit = Isa::avx2;
+    if (static_cast<int>(limit) < static_cast<int>(best)) best = limit;
+  }
+  return best;
+}
+
+inline Isa active_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable";
+}
+
+#ifdef CNNBP_X86
+template <typename F>
+CNNBP_TARGET_AVX512 void run_avx512(const F& f) { f(); }
+template <typename F>
+CNNBP_TARGET_AVX2 void run_avx2(const F& f) { f(); }
+#endif
+template <typename F>
+void run_portable(const F& f) { f(); }
+
+// f must be declared `[&]() CNNBP_LAMBDA_INLINE { ... }` so that its body (and the always-inline
+// helpers it calls) is compiled inside each target-specific wrapper.
+#define CNNBP_LAMBDA_INLINE __attribute__((always_inline))
+
+template <typename F>
+void run_with_isa(const F& f) {
+#ifdef CNNBP_X86
+  switch (active_isa()) {
+    case Isa::avx512: return run_avx512(f);
+    case Isa::avx2: return run_avx2(f);
+    default: break;
+  }
+#endif
+  run_portable(f);
+}
+
+}  // namespace cnnbp
