@@ -23,6 +23,8 @@
 // col is built for one sample at a time (per thread), never for the whole batch.
 
 #include "cnnbp.h"
+#include "gemm.h"
+#include "simd.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
@@ -123,15 +125,15 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 // ---- im2col / col2im: the unrolling and its adjoint ----------------------------------------------
 
 // col[(c,m,q), (i,j)] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl], zero where that falls in padding.
-// `in` holds Cg planes of H×W; `col` has col_rows() rows of OH·OW.
+// `in` holds Cg planes of H×W; row r of `col` starts at col + r·ld and has OH·OW entries.
 template <typename T>
-void im2col(const T* in, T* col, const ConvShape& s) {
+void im2col(const T* in, T* col, int64_t ld, const ConvShape& s) {
   const int64_t KHW = s.KH * s.KW, OW = s.OW;
   at::parallel_for(0, s.col_rows(), grain_for(s.out_plane()), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;
       const T* plane = in + c * s.in_plane();
-      T* row = col + r * s.out_plane();
+      T* row = col + r * ld;
       const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
       const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
       std::fill(row, row + ri.lo * OW, T(0));
@@ -140,7 +142,7 @@ void im2col(const T* in, T* col, const ConvShape& s) {
         T* dst = row + i * OW;
         std::fill(dst, dst + rj.lo, T(0));
         if (s.sw == 1) {
-          for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] = src[j];
+          std::copy(src + rj.lo, src + rj.hi, dst + rj.lo);
         } else {
           for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] = src[j * s.sw];
         }
@@ -155,7 +157,7 @@ void im2col(const T* in, T* col, const ConvShape& s) {
 // Split over input channels: a channel's rows write only into that channel's plane, so no two
 // threads touch the same element. `grad_in` must be zeroed by the caller.
 template <typename T>
-void col2im(const T* col, T* grad_in, const ConvShape& s) {
+void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s) {
   const int64_t OW = s.OW;
   at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * s.out_plane()), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -164,7 +166,7 @@ void col2im(const T* col, T* grad_in, const ConvShape& s) {
         const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
         for (int64_t q = 0; q < s.KW; ++q) {
           const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-          const T* row = col + ((c * s.KH + m) * s.KW + q) * s.out_plane();
+          const T* row = col + ((c * s.KH + m) * s.KW + q) * ld;
           for (int64_t i = ri.lo; i < ri.hi; ++i) {
             T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
             const T* src = row + i * OW;
@@ -182,18 +184,34 @@ void col2im(const T* col, T* grad_in, const ConvShape& s) {
 
 // ---- the batch loop ---------------------------------------------------------------------------
 
-// Runs fn(first, last, col_buffer) over chunks of the batch. With at least as many samples as
-// threads, each thread takes a contiguous chunk of samples and owns a column buffer; otherwise
-// samples go one by one and the parallelism is inside im2col/col2im and the matrix products.
-// Chunk t always covers the same samples for a given thread count, so per-chunk partial sums
-// reduced in chunk order are deterministic.
-int64_t batch_chunks(int64_t N) {
+// The batch is cut into chunks, one per thread when there are at least as many samples as threads
+// (each thread then owns its buffers and calls single-threaded BLAS), else one chunk (and the
+// parallelism is inside im2col/col2im and BLAS). Chunk t always covers the same samples for a
+// given thread count, so per-chunk partial sums reduced in chunk order are deterministic.
+//
+// Inside a chunk, samples go in blocks of `block` so that each matrix product has at least ~512
+// columns: small images (7×7, 14×14) would otherwise make thin, slow products. The unrolled inputs
+// of a block sit side by side in one buffer of col_rows × block·OH·OW — per thread, never the
+// whole batch.
+struct Plan {
+  int64_t chunks, block;
+};
+
+Plan plan_batches(const ConvShape& s) {
   const int64_t threads = at::get_num_threads();
-  return (N >= threads && threads > 1) ? threads : 1;
+  const int64_t work = s.N * s.K * s.out_plane() * s.col_rows();  // multiply-adds
+  Plan p;
+  p.chunks = (threads > 1 && s.N >= threads && work >= (int64_t(1) << 20)) ? threads : 1;
+  const int64_t per_chunk = (s.N + p.chunks - 1) / p.chunks;
+  p.block = std::max<int64_t>(1, (512 + s.out_plane() - 1) / std::max<int64_t>(1, s.out_plane()));
+  // keep a block's buffer under ~4M elements
+  const int64_t cap = std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, s.col_rows() * s.out_plane()));
+  p.block = std::max<int64_t>(1, std::min({p.block, per_chunk, cap}));
+  return p;
 }
 
 template <typename Fn>
-void for_each_chunk(int64_t N, int64_t chunks, Fn fn) {
+void for_each_chunk(int64_t N, int64_t chunks, const Fn& fn) {
   if (chunks == 1) {
     fn(0, 0, N);
     return;
@@ -203,35 +221,166 @@ void for_each_chunk(int64_t N, int64_t chunks, Fn fn) {
   });
 }
 
-// Views of one group's slice of a sample, as matrices.
-at::Tensor weight_matrix(const at::Tensor& w, const ConvShape& s, int64_t g) {
-  return w.narrow(0, g * s.Kg(), s.Kg()).view({s.Kg(), s.col_rows()});
-}
-at::Tensor out_matrix(const at::Tensor& x, const ConvShape& s, int64_t n, int64_t g) {
-  return x.select(0, n).narrow(0, g * s.Kg(), s.Kg()).view({s.Kg(), s.out_plane()});
-}
-at::Tensor in_matrix(const at::Tensor& o, const ConvShape& s, int64_t n, int64_t g) {
-  return o.select(0, n).narrow(0, g * s.Cg(), s.Cg()).view({s.Cg(), s.in_plane()});
-}
-
-// The unrolled input of sample n, group g: the input itself for pointwise convs, else `buffer`.
+// Unrolls samples [n, n + b) of group g side by side into `col` (col_rows × b·P). For a pointwise
+// conv of one sample, the input already is that matrix and is returned as it is (with its ld).
 template <typename T>
-at::Tensor unrolled_input(const at::Tensor& o, const ConvShape& s, int64_t n, int64_t g,
-                          at::Tensor& buffer) {
-  at::Tensor in = in_matrix(o, s, n, g);
-  if (s.col_is_input()) return in;
-  im2col<T>(in.const_data_ptr<T>(), buffer.mutable_data_ptr<T>(), s);
-  return buffer;
+const T* unroll(const T* input, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* col, int64_t& ld) {
+  const int64_t P = s.out_plane();
+  const T* in_ng = input + (n * s.C + g * s.Cg()) * s.in_plane();
+  if (s.col_is_input() && b == 1) {
+    ld = s.in_plane();
+    return in_ng;
+  }
+  ld = b * P;
+  for (int64_t k = 0; k < b; ++k) im2col(in_ng + k * s.C * s.in_plane(), col + k * P, ld, s);
+  return col;
 }
 
-at::Tensor col_buffer(const at::Tensor& like, const ConvShape& s) {
-  if (s.col_is_input()) return at::Tensor();
-  return at::empty({s.col_rows(), s.out_plane()}, like.options());
+// δ of samples [n, n + b), group g, as one Kg × b·P matrix: δ itself for one sample, else packed.
+template <typename T>
+const T* gather_delta(const T* grad_output, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* pack,
+                      int64_t& ld) {
+  const int64_t P = s.out_plane();
+  const T* d = grad_output + (n * s.K + g * s.Kg()) * P;
+  if (b == 1) {
+    ld = P;
+    return d;
+  }
+  ld = b * P;
+  for (int64_t k = 0; k < s.Kg(); ++k)
+    for (int64_t j = 0; j < b; ++j) std::copy(d + (j * s.K + k) * P, d + (j * s.K + k + 1) * P, pack + k * ld + j * P);
+  return pack;
+}
+
+// ---- depthwise: one input channel per group ---------------------------------------------------
+// With C / groups = 1 each product above would be a sliver (Kg × KH·KW × P); direct loops along
+// the output rows are faster. The same three equations, per plane.
+
+template <typename T>
+void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvShape& s) {
+  const int64_t Kg = s.Kg(), P = s.out_plane();
+  at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / s.C, c = p % s.C;
+        const T* plane = in + p * s.in_plane();
+        for (int64_t kk = 0; kk < Kg; ++kk) {
+          const int64_t k = c * Kg + kk;
+          T* o = out + (n * s.K + k) * P;
+          std::fill(o, o + P, b ? b[k] : T(0));
+          for (int64_t m = 0; m < s.KH; ++m) {
+            const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+            for (int64_t q = 0; q < s.KW; ++q) {
+              const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+              const T wv = w[(k * s.KH + m) * s.KW + q];
+              for (int64_t i = ri.lo; i < ri.hi; ++i) {
+                const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+                T* dst = o + i * s.OW;
+                if (s.sw == 1) {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j];
+                } else {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j * s.sw];
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename T>
+void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
+  const int64_t Kg = s.Kg(), P = s.out_plane();
+  at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / s.C, c = p % s.C;
+        T* plane = gin + p * s.in_plane();
+        for (int64_t kk = 0; kk < Kg; ++kk) {
+          const int64_t k = c * Kg + kk;
+          const T* dk = d + (n * s.K + k) * P;
+          for (int64_t m = 0; m < s.KH; ++m) {
+            const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+            for (int64_t q = 0; q < s.KW; ++q) {
+              const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+              const T wv = w[(k * s.KH + m) * s.KW + q];
+              for (int64_t i = ri.lo; i < ri.hi; ++i) {
+                T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+                const T* src = dk + i * s.OW;
+                if (s.sw == 1) {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j];
+                } else {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j * s.sw] += wv * src[j];
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+// Split over output channels k: each thread owns k's weights and sums over the whole batch in a
+// fixed order.
+template <typename T>
+void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
+  const int64_t Kg = s.Kg(), P = s.out_plane();
+  at::parallel_for(0, s.K, grain_for(s.N * P * s.KH * s.KW), [&](int64_t k0, int64_t k1) {
+    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t c = k / Kg;
+        for (int64_t m = 0; m < s.KH; ++m) {
+          const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+          for (int64_t q = 0; q < s.KW; ++q) {
+            const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+            double acc = 0;
+            for (int64_t n = 0; n < s.N; ++n) {
+              const T* plane = in + (n * s.C + c) * s.in_plane();
+              const T* dk = d + (n * s.K + k) * P;
+              for (int64_t i = ri.lo; i < ri.hi; ++i) {
+                const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+                const T* dr = dk + i * s.OW;
+                T row = 0;
+                if (s.sw == 1) {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) row += dr[j] * src[j];
+                } else {
+                  for (int64_t j = rj.lo; j < rj.hi; ++j) row += dr[j] * src[j * s.sw];
+                }
+                acc += row;
+              }
+            }
+            gw[(k * s.KH + m) * s.KW + q] = static_cast<T>(acc);
+          }
+        }
+      }
+    });
+  });
 }
 
 // Inputs in compute precision (float for half types) and in the NCHW layout the loops index.
 at::Tensor prepared(const at::Tensor& t) {
   return t.to(compute_type(t.scalar_type())).contiguous();
+}
+
+// ∂E/∂b[k] = Σ_n Σ_i Σ_j δ[n,k,i,j], split over k.
+template <typename T>
+void bias_grad(const T* d, T* gb, const ConvShape& s) {
+  const int64_t plane = s.out_plane();
+  at::parallel_for(0, s.K, grain_for(s.N * plane), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      double acc = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        const T* p = d + (n * s.K + k) * plane;
+        T row = 0;
+        for (int64_t ij = 0; ij < plane; ++ij) row += p[ij];
+        acc += row;
+      }
+      gb[k] = static_cast<T>(acc);
+    }
+  });
 }
 
 }  // namespace
@@ -250,19 +399,41 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
   if (output.numel() == 0) return output.to(input_.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d", [&] {
-    const int64_t chunks = batch_chunks(s.N);
-    for_each_chunk(s.N, chunks, [&](int64_t, int64_t first, int64_t last) {
-      at::Tensor buffer = col_buffer(input, s);
-      for (int64_t n = first; n < last; ++n) {
+    using T = scalar_t;
+    const T* in = input.const_data_ptr<T>();
+    const T* w = weight.const_data_ptr<T>();
+    const T* b = has_bias ? bias.const_data_ptr<T>() : nullptr;
+    T* out = output.mutable_data_ptr<T>();
+    if (s.Cg() == 1) {
+      depthwise_forward(in, w, b, out, s);
+      return;
+    }
+    const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
+    const Plan plan = plan_batches(s);
+    for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
+      std::vector<T> col(s.col_is_input() && plan.block == 1 ? 0 : rows * plan.block * P);
+      std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * P : 0);
+      for (int64_t n = first; n < last; n += plan.block) {
+        const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
           // x = W · col (+ b)
-          at::Tensor col = unrolled_input<scalar_t>(input, s, n, g, buffer);
-          at::Tensor out = out_matrix(output, s, n, g);
-          if (has_bias) {
-            at::addmm_out(out, bias.narrow(0, g * s.Kg(), s.Kg()).unsqueeze(1).expand_as(out),
-                          weight_matrix(weight, s, g), col);
+          int64_t ld;
+          const T* cols = unroll(in, s, n, nb, g, col.data(), ld);
+          const T* wg = w + g * Kg * rows;
+          if (nb == 1) {
+            T* o = out + (n * s.K + g * Kg) * P;
+            if (b)
+              for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P, o + (k + 1) * P, b[g * Kg + k]);
+            gemm<T>(false, false, Kg, P, rows, wg, rows, cols, ld, b != nullptr, o, P);
           } else {
-            at::mm_out(out, weight_matrix(weight, s, g), col);
+            gemm<T>(false, false, Kg, nb * P, rows, wg, rows, cols, ld, false, tmp.data(), nb * P);
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t k = 0; k < Kg; ++k) {
+                const T* src = tmp.data() + k * nb * P + j * P;
+                T* dst = out + ((n + j) * s.K + g * Kg + k) * P;
+                const T bk = b ? b[g * Kg + k] : T(0);
+                for (int64_t p = 0; p < P; ++p) dst[p] = src[p] + bk;
+              }
           }
         }
       }
@@ -289,85 +460,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const at::Tensor grad_output = prepared(grad_output_);
   const at::Tensor input = prepared(input_), weight = prepared(weight_);
   const auto type = input_.scalar_type();
-  at::Tensor grad_input, grad_weight, grad_bias;
+  const bool want_in = output_mask[0], want_w = output_mask[1];
+  at::Tensor grad_input = want_in ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : at::Tensor();
+  const Plan plan = plan_batches(s);
+  // grad_weight: one partial sum per chunk of the batch, added in chunk order.
+  at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
 
-  // δ_in = col2im(Wᵀ · δ), one sample at a time.
-  if (output_mask[0]) {
-    grad_input = at::zeros({s.N, s.C, s.H, s.W}, input.options());
-    if (grad_input.numel() > 0 && s.K > 0 && s.out_plane() > 0) {
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward_input", [&] {
-        for_each_chunk(s.N, batch_chunks(s.N), [&](int64_t, int64_t first, int64_t last) {
-          at::Tensor buffer = col_buffer(input, s);
-          for (int64_t n = first; n < last; ++n) {
-            for (int64_t g = 0; g < s.groups; ++g) {
-              at::Tensor gin = in_matrix(grad_input, s, n, g);
-              at::Tensor wt = weight_matrix(weight, s, g).t();
-              if (s.col_is_input()) {
-                at::mm_out(gin, wt, out_matrix(grad_output, s, n, g));
+  if ((want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward", [&] {
+      using T = scalar_t;
+      const T* in = input.const_data_ptr<T>();
+      const T* w = weight.const_data_ptr<T>();
+      const T* d = grad_output.const_data_ptr<T>();
+      T* gin = want_in ? grad_input.mutable_data_ptr<T>() : nullptr;
+      if (s.Cg() == 1) {
+        if (want_in) depthwise_grad_input(d, w, gin, s);
+        if (want_w) depthwise_grad_weight(in, d, partial.mutable_data_ptr<T>(), s);
+        return;
+      }
+      const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
+      for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
+        const bool direct = s.col_is_input() && plan.block == 1;  // col is the input itself
+        std::vector<T> col(want_w && !direct ? rows * plan.block * P : 0);
+        std::vector<T> dcol(want_in && !direct ? rows * plan.block * P : 0);
+        std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
+        T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
+        for (int64_t n = first; n < last; n += plan.block) {
+          const int64_t nb = std::min(plan.block, last - n);
+          for (int64_t g = 0; g < s.groups; ++g) {
+            int64_t ldd;
+            const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
+            const T* wg = w + g * Kg * rows;
+            // δ_in = col2im(Wᵀ · δ)
+            if (want_in) {
+              T* gin_ng = gin + (n * s.C + g * s.Cg()) * s.in_plane();
+              if (direct) {
+                gemm<T>(true, false, rows, P, Kg, wg, rows, dg, ldd, false, gin_ng, P);
               } else {
-                at::mm_out(buffer, wt, out_matrix(grad_output, s, n, g));
-                col2im<scalar_t>(buffer.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), s);
+                gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, dcol.data(), nb * P);
+                for (int64_t j = 0; j < nb; ++j)
+                  col2im(dcol.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s);
               }
             }
-          }
-        });
-      });
-    }
-    grad_input = grad_input.to(type);
-  } else {
-    grad_input = at::empty({0}, input_.options());
-  }
-
-  // ∂E/∂W = Σ_n δ[n] · col[n]ᵀ: each chunk of the batch sums into its own partial, and the
-  // partials are added in chunk order.
-  if (output_mask[1]) {
-    const int64_t chunks = batch_chunks(s.N);
-    at::Tensor partial = at::zeros({chunks, s.K, s.col_rows()}, input.options());
-    if (s.N > 0 && s.out_plane() > 0 && s.col_rows() > 0) {
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward_weight", [&] {
-        for_each_chunk(s.N, chunks, [&](int64_t t, int64_t first, int64_t last) {
-          at::Tensor buffer = col_buffer(input, s);
-          at::Tensor acc = partial.select(0, t);
-          for (int64_t n = first; n < last; ++n) {
-            for (int64_t g = 0; g < s.groups; ++g) {
-              at::Tensor col = unrolled_input<scalar_t>(input, s, n, g, buffer);
-              at::Tensor acc_g = acc.narrow(0, g * s.Kg(), s.Kg());
-              at::addmm_out(acc_g, acc_g, out_matrix(grad_output, s, n, g), col.t());
+            // ∂E/∂W += δ · colᵀ
+            if (want_w) {
+              int64_t ldc;
+              const T* cols = unroll(in, s, n, nb, g, col.data(), ldc);
+              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw + g * Kg * rows, rows);
             }
           }
-        });
-      });
-    }
-    grad_weight = partial.select(0, 0).clone();
-    for (int64_t t = 1; t < chunks; ++t) grad_weight.add_(partial.select(0, t));
-    grad_weight = grad_weight.view(weight.sizes()).to(type);
-  } else {
-    grad_weight = at::empty({0}, input_.options());
-  }
-
-  // ∂E/∂b[k] = Σ_n Σ_i Σ_j δ[n,k,i,j], split over k.
-  if (output_mask[2]) {
-    grad_bias = at::empty({s.K}, input.options());
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward_bias", [&] {
-      const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
-      scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-      const int64_t plane = s.out_plane();
-      at::parallel_for(0, s.K, grain_for(s.N * plane), [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          double acc = 0;
-          for (int64_t n = 0; n < s.N; ++n) {
-            const scalar_t* p = d + (n * s.K + k) * plane;
-            for (int64_t ij = 0; ij < plane; ++ij) acc += static_cast<double>(p[ij]);
-          }
-          gb[k] = static_cast<scalar_t>(acc);
         }
       });
     });
-    grad_bias = grad_bias.to(type);
-  } else {
-    grad_bias = at::empty({0}, input_.options());
   }
-  return {grad_input, grad_weight, grad_bias};
+
+  at::Tensor grad_weight, grad_bias;
+  if (want_w) {
+    grad_weight = partial.select(0, 0);
+    for (int64_t t = 1; t < partial.size(0); ++t) grad_weight.add_(partial.select(0, t));
+    grad_weight = grad_weight.view(weight.sizes()).to(type);
+  }
+  if (output_mask[2]) {
+    grad_bias = at::empty({s.K}, grad_output.options());
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnbp::conv2d_backward_bias", [&] {
+      bias_grad(grad_output.const_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(), s);
+    });
+    grad_bias = grad_bias.to(type);
+  }
+  auto empty = [&] { return at::empty({0}, input_.options()); };
+  return {want_in ? grad_input.to(type) : empty(), want_w ? grad_weight : empty(),
+          output_mask[2] ? grad_bias : empty()};
 }
 
 }  // namespace cnnbp

@@ -1,0 +1,243 @@
+// The matrix products behind the convolution (see gemm.h).
+//
+// The blocked GEMM follows the usual structure: op(B) is packed into panels of NR columns (k-major,
+// NR values per k) and op(A) into panels of MR rows (MR values per k); a micro-kernel keeps an
+// MR×NR tile of C in vector registers while it runs along k, with one broadcast of A and NR/L
+// vector loads of B per k step. Blocks of KC along k keep the panels in cache.
+
+#include "gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cnnbp.h"
+#include "simd.h"
+
+#ifdef CNNBP_X86
+#include <immintrin.h>
+#endif
+
+namespace cnnbp {
+namespace {
+
+// ---- through ATen's BLAS ----------------------------------------------------------------------
+
+template <typename T>
+void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+               int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor a = view(A, M, K, lda, trans_a), b = view(B, K, N, ldb, trans_b);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  if (accumulate) {
+    at::addmm_out(c, c, a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+#ifdef CNNBP_X86
+// ---- the AVX-512 blocked GEMM -----------------------------------------------------------------
+
+template <typename T>
+struct Tile;  // MR × NR register tile: NR = 2 vectors of L lanes, MR rows
+template <>
+struct Tile<float> {
+  static constexpr int L = 16, NR = 32, MR = 12;
+};
+template <>
+struct Tile<double> {
+  static constexpr int L = 8, NR = 16, MR = 12;
+};
+
+constexpr int64_t KC = 256;  // k block
+constexpr int64_t MC = 144;  // rows of A packed at once (multiple of MR)
+constexpr int64_t NC = 1536; // columns of B packed at once (multiple of NR)
+
+// Packs rows [i0, i0 + mc) × k [k0, k0 + kc) of op(A) as panels of MR rows: panel p holds, for each
+// k, MR values (rows past M are zero).
+template <typename T>
+void pack_a(bool trans, const T* A, int64_t lda, int64_t M, int64_t i0, int64_t mc, int64_t k0, int64_t kc, T* out) {
+  constexpr int MR = Tile<T>::MR;
+  for (int64_t ip = 0; ip < mc; ip += MR) {
+    T* panel = out + ip * kc;
+    for (int r = 0; r < MR; ++r) {
+      const int64_t i = i0 + ip + r;
+      if (ip + r >= mc || i >= M) {
+        for (int64_t k = 0; k < kc; ++k) panel[k * MR + r] = T(0);
+      } else if (trans) {
+        for (int64_t k = 0; k < kc; ++k) panel[k * MR + r] = A[(k0 + k) * lda + i];
+      } else {
+        const T* src = A + i * lda + k0;  // read along the row
+        for (int64_t k = 0; k < kc; ++k) panel[k * MR + r] = src[k];
+      }
+    }
+  }
+}
+
+// Packs k [k0, k0 + kc) × columns [j0, j0 + nc) of op(B) as panels of NR columns (columns past N zero).
+template <typename T>
+void pack_b(bool trans, const T* B, int64_t ldb, int64_t N, int64_t j0, int64_t nc, int64_t k0, int64_t kc, T* out) {
+  constexpr int NR = Tile<T>::NR;
+  for (int64_t jp = 0; jp < nc; jp += NR) {
+    T* panel = out + jp * kc;
+    const int64_t n_valid = std::max<int64_t>(0, std::min<int64_t>(NR, std::min(nc, N - j0) - jp));
+    for (int64_t k = 0; k < kc; ++k) {
+      T* dst = panel + k * NR;
+      if (!trans) {
+        const T* src = B + (k0 + k) * ldb + j0 + jp;
+        int64_t j = 0;
+        for (; j < n_valid; ++j) dst[j] = src[j];
+        for (; j < NR; ++j) dst[j] = T(0);
+      } else {
+        for (int64_t j = n_valid; j < NR; ++j) dst[j] = T(0);
+      }
+    }
+    if (trans) {
+      for (int64_t j = 0; j < n_valid; ++j) {
+        const T* src = B + (j0 + jp + j) * ldb + k0;  // read along the row of B
+        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = src[k];
+      }
+    }
+  }
+}
+
+template <typename T>
+struct V;
+template <>
+struct V<float> {
+  using reg = __m512;
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg zero() { return _mm512_setzero_ps(); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg set1(float v) { return _mm512_set1_ps(v); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+};
+template <>
+struct V<double> {
+  using reg = __m512d;
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg zero() { return _mm512_setzero_pd(); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg load(const double* p) { return _mm512_loadu_pd(p); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg set1(double v) { return _mm512_set1_pd(v); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
+};
+
+// C[MR×NR tile] (+)= Ap · Bp over kc steps. A full tile is read and written in place; an edge tile
+// (rows < MR or cols < NR) goes through a local buffer.
+template <typename T>
+CNNBP_TARGET_AVX512 void micro_kernel(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int64_t rows,
+                                      int64_t cols, bool accumulate) {
+  using VT = V<T>;
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, L = Tile<T>::L;
+  typename VT::reg c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = VT::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    const typename VT::reg b0 = VT::load(Bp + k * NR), b1 = VT::load(Bp + k * NR + L);
+    const T* a = Ap + k * MR;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const typename VT::reg av = VT::set1(a[r]);
+      c0[r] = VT::fma(av, b0, c0[r]);
+      c1[r] = VT::fma(av, b1, c1[r]);
+    }
+  }
+  if (rows == MR && cols == NR) {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      T* row = C + r * ldc;
+      if (accumulate) {
+        VT::store(row, VT::add(VT::load(row), c0[r]));
+        VT::store(row + L, VT::add(VT::load(row + L), c1[r]));
+      } else {
+        VT::store(row, c0[r]);
+        VT::store(row + L, c1[r]);
+      }
+    }
+    return;
+  }
+  alignas(64) T tile[MR * NR];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    VT::store(tile + r * NR, c0[r]);
+    VT::store(tile + r * NR + L, c1[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : T(0)) + tile[r * NR + j];
+}
+
+// One thread's share: the columns [n0, n1) of C.
+template <typename T>
+void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int64_t n1, int64_t K, const T* A,
+                          int64_t lda, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  std::vector<T> apack(MC * KC), bpack(NC * KC);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t j0 = n0; j0 < n1; j0 += NC) {
+      const int64_t nc = std::min(NC, n1 - j0);
+      const int64_t nc_padded = (nc + NR - 1) / NR * NR;
+      pack_b(trans_b, B, ldb, n1, j0, nc_padded, k0, kc, bpack.data());
+      for (int64_t i0 = 0; i0 < M; i0 += MC) {
+        const int64_t mc = std::min(MC, M - i0);
+        const int64_t mc_padded = (mc + MR - 1) / MR * MR;
+        pack_a(trans_a, A, lda, M, i0, mc_padded, k0, kc, apack.data());
+        for (int64_t jp = 0; jp < nc; jp += NR) {
+          for (int64_t ip = 0; ip < mc; ip += MR) {
+            micro_kernel<T>(kc, apack.data() + ip * kc, bpack.data() + jp * kc, C + (i0 + ip) * ldc + j0 + jp, ldc,
+                            std::min<int64_t>(MR, mc - ip), std::min<int64_t>(NR, nc - jp), acc);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                  int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  constexpr int NR = Tile<T>::NR;
+  const int64_t panels = (N + NR - 1) / NR;
+  // Columns split in whole panels; each thread packs its own operands and writes its own columns.
+  at::parallel_for(0, panels, grain_for(M * K * NR / 8), [&](int64_t p0, int64_t p1) {
+    gemm_blocked_columns(trans_a, trans_b, M, p0 * NR, std::min(N, p1 * NR), K, A, lda, B, ldb, accumulate, C, ldc);
+  });
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+#ifdef CNNBP_X86
+  if (active_isa() == Isa::avx512) {
+    gemm_blocked(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
+#endif
+  gemm_aten(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+}
+
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, bool,
+                          float*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                           bool, double*, int64_t);
+
+}  // namespace cnnbp
