@@ -62,10 +62,12 @@ void run_portable(const F& f) { f(); }
 // helpers it calls) is compiled inside each target-specific wrapper.
 #define CNNBP_LAMBDA_INLINE __attribute__((always_inline))
 
+// `best` caps the choice for a loop that measures faster at a narrower width.
 template <typename F>
-void run_with_isa(const F& f) {
+void run_with_isa(const F& f, Isa best = Isa::avx512) {
 #ifdef CNNBP_X86
-  switch (active_isa()) {
+  const Isa isa = static_cast<int>(active_isa()) < static_cast<int>(best) ? active_isa() : best;
+  switch (isa) {
     case Isa::avx512: return run_avx512(f);
     case Isa::avx2: return run_avx2(f);
     default: break;
