@@ -481,8 +481,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
       const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
         const bool direct = s.col_is_input() && plan.block == 1;  // col is the input itself
-        std::vector<T> col(want_w && !direct ? rows * plan.block * P : 0);
-        std::vector<T> dcol(want_in && !direct ? rows * plan.block * P : 0);
+        // One column buffer serves both products in turn: the unrolled input for ∂E/∂W, then
+        // Wᵀ · δ for δ_in.
+        std::vector<T> col(direct ? 0 : rows * plan.block * P);
         std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
@@ -491,22 +492,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
             int64_t ldd;
             const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
             const T* wg = w + g * Kg * rows;
+            // ∂E/∂W += δ · colᵀ
+            if (want_w) {
+              int64_t ldc;
+              const T* cols = unroll(in, s, n, nb, g, col.data(), ldc);
+              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw + g * Kg * rows, rows);
+            }
             // δ_in = col2im(Wᵀ · δ)
             if (want_in) {
               T* gin_ng = gin + (n * s.C + g * s.Cg()) * s.in_plane();
               if (direct) {
                 gemm<T>(true, false, rows, P, Kg, wg, rows, dg, ldd, false, gin_ng, P);
               } else {
-                gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, dcol.data(), nb * P);
+                gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, col.data(), nb * P);
                 for (int64_t j = 0; j < nb; ++j)
-                  col2im(dcol.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s);
+                  col2im(col.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s);
               }
-            }
-            // ∂E/∂W += δ · colᵀ
-            if (want_w) {
-              int64_t ldc;
-              const T* cols = unroll(in, s, n, nb, g, col.data(), ldc);
-              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw + g * Kg * rows, rows);
             }
           }
         }

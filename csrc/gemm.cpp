@@ -180,7 +180,9 @@ template <typename T>
 void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int64_t n1, int64_t K, const T* A,
                           int64_t lda, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  std::vector<T> apack(MC * KC), bpack(NC * KC);
+  const int64_t kc_max = std::min(KC, K);
+  std::vector<T> apack(std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
+  std::vector<T> bpack(std::min(NC, (n1 - n0 + NR - 1) / NR * NR) * kc_max);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
