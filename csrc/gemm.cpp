@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "cnnbp.h"
@@ -175,14 +176,28 @@ CNNBP_TARGET_AVX512 void micro_kernel(int64_t kc, const T* Ap, const T* Bp, T* C
     for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : T(0)) + tile[r * NR + j];
 }
 
+// Packed panels start on cache lines, so that no vector load of a panel straddles two.
+template <typename T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t n)
+      : ptr(static_cast<T*>(std::aligned_alloc(64, std::max<int64_t>(64, (n * sizeof(T) + 63) / 64 * 64)))) {
+    TORCH_CHECK(ptr != nullptr, "cnnbp: out of memory for a ", n * sizeof(T), "-byte GEMM buffer");
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* data() { return ptr; }
+  T* ptr;
+};
+
 // One thread's share: the columns [n0, n1) of C.
 template <typename T>
 void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int64_t n1, int64_t K, const T* A,
                           int64_t lda, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
   const int64_t kc_max = std::min(KC, K);
-  std::vector<T> apack(std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
-  std::vector<T> bpack(std::min(NC, (n1 - n0 + NR - 1) / NR * NR) * kc_max);
+  AlignedBuffer<T> apack(std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
+  AlignedBuffer<T> bpack(std::min(NC, (n1 - n0 + NR - 1) / NR * NR) * kc_max);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
