@@ -124,56 +124,62 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 
 // ---- im2col / col2im: the unrolling and its adjoint ----------------------------------------------
 
-// col[(c,m,q), (i,j)] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl], zero where that falls in padding.
-// `in` holds Cg planes of H×W; row r of `col` starts at col + r·ld and has OH·OW entries.
+// col[(c,m,q), p] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl] for output positions p = i·OW + j in
+// [p0, p1), zero where that falls in padding. `in` holds Cg planes of H×W; row r of `col` starts at
+// col + r·ld and holds positions p0 … p1 − 1.
 template <typename T>
-void im2col(const T* in, T* col, int64_t ld, const ConvShape& s) {
+void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int64_t p1) {
   const int64_t KHW = s.KH * s.KW, OW = s.OW;
-  at::parallel_for(0, s.col_rows(), grain_for(s.out_plane()), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, s.col_rows(), grain_for(p1 - p0), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;
       const T* plane = in + c * s.in_plane();
-      T* row = col + r * ld;
+      T* row = col + r * ld - p0;  // row[p] for p in [p0, p1)
       const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
       const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-      std::fill(row, row + ri.lo * OW, T(0));
-      for (int64_t i = ri.lo; i < ri.hi; ++i) {
-        const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+      for (int64_t i = p0 / OW; i * OW < p1; ++i) {
+        const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
         T* dst = row + i * OW;
-        std::fill(dst, dst + rj.lo, T(0));
-        if (s.sw == 1) {
-          std::copy(src + rj.lo, src + rj.hi, dst + rj.lo);
-        } else {
-          for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] = src[j * s.sw];
+        if (i < ri.lo || i >= ri.hi) {
+          std::fill(dst + a, dst + b, T(0));
+          continue;
         }
-        std::fill(dst + rj.hi, dst + OW, T(0));
+        const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+        const int64_t lo = std::min(std::max(a, rj.lo), b), hi = std::max(std::min(b, rj.hi), lo);
+        std::fill(dst + a, dst + lo, T(0));
+        if (s.sw == 1) {
+          std::copy(src + lo, src + hi, dst + lo);
+        } else {
+          for (int64_t j = lo; j < hi; ++j) dst[j] = src[j * s.sw];
+        }
+        std::fill(dst + hi, dst + b, T(0));
       }
-      std::fill(row + ri.hi * OW, row + s.out_plane(), T(0));
     }
   });
 }
 
-// The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), (i,j)] for every (m,q,i,j) that read o[c,h,v].
-// Split over input channels: a channel's rows write only into that channel's plane, so no two
-// threads touch the same element. `grad_in` must be zeroed by the caller.
+// The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), p] for every (m,q) and position p in [p0, p1)
+// that read o[c,h,v]. Split over input channels: a channel's rows write only into that channel's
+// plane, so no two threads touch the same element. `grad_in` must be zeroed by the caller.
 template <typename T>
-void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s) {
+void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1) {
   const int64_t OW = s.OW;
-  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * s.out_plane()), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * (p1 - p0)), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* plane = grad_in + c * s.in_plane();
       for (int64_t m = 0; m < s.KH; ++m) {
         const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
         for (int64_t q = 0; q < s.KW; ++q) {
           const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-          const T* row = col + ((c * s.KH + m) * s.KW + q) * ld;
-          for (int64_t i = ri.lo; i < ri.hi; ++i) {
+          const T* row = col + ((c * s.KH + m) * s.KW + q) * ld - p0;
+          for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
+            const int64_t lo = std::max({p0 - i * OW, int64_t(0), rj.lo}), hi = std::min({p1 - i * OW, OW, rj.hi});
             T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
             const T* src = row + i * OW;
             if (s.sw == 1) {
-              for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += src[j];
+              for (int64_t j = lo; j < hi; ++j) dst[j] += src[j];
             } else {
-              for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j * s.sw] += src[j];
+              for (int64_t j = lo; j < hi; ++j) dst[j * s.sw] += src[j];
             }
           }
         }
@@ -194,8 +200,11 @@ void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s) {
 // of a block sit side by side in one buffer of col_rows × block·OH·OW — per thread, never the
 // whole batch.
 struct Plan {
-  int64_t chunks, block;
+  int64_t chunks, block, tile;  // tile: output positions per product when block == 1
 };
+
+// A column buffer holds at most this many elements per thread (2 MiB in float32).
+constexpr int64_t kColumnBudget = int64_t(1) << 19;
 
 Plan plan_batches(const ConvShape& s) {
   const int64_t threads = at::get_num_threads();
@@ -204,9 +213,14 @@ Plan plan_batches(const ConvShape& s) {
   p.chunks = (threads > 1 && s.N >= threads && work >= (int64_t(1) << 20)) ? threads : 1;
   const int64_t per_chunk = (s.N + p.chunks - 1) / p.chunks;
   p.block = std::max<int64_t>(1, (512 + s.out_plane() - 1) / std::max<int64_t>(1, s.out_plane()));
-  // keep a block's buffer under ~4M elements
-  const int64_t cap = std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, s.col_rows() * s.out_plane()));
+  const int64_t rows = std::max<int64_t>(1, s.col_rows());
+  const int64_t cap = std::max<int64_t>(1, kColumnBudget / (rows * std::max<int64_t>(1, s.out_plane())));
   p.block = std::max<int64_t>(1, std::min({p.block, per_chunk, cap}));
+  // One sample at a time: split its output positions into tiles whose unrolled columns fit the
+  // budget (whole multiples of 64 positions, at least 256 so that the products stay efficient).
+  p.tile = s.out_plane();
+  if (p.block == 1 && rows * s.out_plane() > kColumnBudget)
+    p.tile = std::min(s.out_plane(), std::max<int64_t>(256, kColumnBudget / rows / 64 * 64));
   return p;
 }
 
@@ -223,16 +237,24 @@ void for_each_chunk(int64_t N, int64_t chunks, const Fn& fn) {
 
 // Unrolls samples [n, n + b) of group g side by side into `col` (col_rows × b·P). For a pointwise
 // conv of one sample, the input already is that matrix and is returned as it is (with its ld).
+// With b == 1 only positions [p0, p1) are unrolled.
 template <typename T>
-const T* unroll(const T* input, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* col, int64_t& ld) {
+const T* unroll(const T* input, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* col, int64_t& ld,
+                int64_t p0 = 0, int64_t p1 = -1) {
   const int64_t P = s.out_plane();
+  if (p1 < 0) p1 = P;
   const T* in_ng = input + (n * s.C + g * s.Cg()) * s.in_plane();
   if (s.col_is_input() && b == 1) {
     ld = s.in_plane();
-    return in_ng;
+    return in_ng + p0;
+  }
+  if (b == 1) {
+    ld = p1 - p0;
+    im2col(in_ng, col, ld, s, p0, p1);
+    return col;
   }
   ld = b * P;
-  for (int64_t k = 0; k < b; ++k) im2col(in_ng + k * s.C * s.in_plane(), col + k * P, ld, s);
+  for (int64_t k = 0; k < b; ++k) im2col(in_ng + k * s.C * s.in_plane(), col + k * P, ld, s, int64_t(0), P);
   return col;
 }
 
@@ -411,21 +433,26 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
     const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
     const Plan plan = plan_batches(s);
     for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
-      std::vector<T> col(s.col_is_input() && plan.block == 1 ? 0 : rows * plan.block * P);
+      std::vector<T> col(s.col_is_input() && plan.block == 1 ? 0 : rows * plan.block * plan.tile);
       std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * P : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
           // x = W · col (+ b)
-          int64_t ld;
-          const T* cols = unroll(in, s, n, nb, g, col.data(), ld);
           const T* wg = w + g * Kg * rows;
           if (nb == 1) {
             T* o = out + (n * s.K + g * Kg) * P;
             if (b)
               for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P, o + (k + 1) * P, b[g * Kg + k]);
-            gemm<T>(false, false, Kg, P, rows, wg, rows, cols, ld, b != nullptr, o, P);
+            for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
+              const int64_t p1 = std::min(P, p0 + plan.tile);
+              int64_t ld;
+              const T* cols = unroll(in, s, n, 1, g, col.data(), ld, p0, p1);
+              gemm<T>(false, false, Kg, p1 - p0, rows, wg, rows, cols, ld, b != nullptr, o + p0, P);
+            }
           } else {
+            int64_t ld;
+            const T* cols = unroll(in, s, n, nb, g, col.data(), ld);
             gemm<T>(false, false, Kg, nb * P, rows, wg, rows, cols, ld, false, tmp.data(), nb * P);
             for (int64_t j = 0; j < nb; ++j)
               for (int64_t k = 0; k < Kg; ++k) {
@@ -483,31 +510,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         const bool direct = s.col_is_input() && plan.block == 1;  // col is the input itself
         // One column buffer serves both products in turn: the unrolled input for ∂E/∂W, then
         // Wᵀ · δ for δ_in.
-        std::vector<T> col(direct ? 0 : rows * plan.block * P);
+        std::vector<T> col(direct ? 0 : rows * plan.block * plan.tile);
         std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
           const int64_t nb = std::min(plan.block, last - n);
           for (int64_t g = 0; g < s.groups; ++g) {
+            const T* wg = w + g * Kg * rows;
+            T* gw_g = want_w ? gw + g * Kg * rows : nullptr;
+            T* gin_ng = want_in ? gin + (n * s.C + g * s.Cg()) * s.in_plane() : nullptr;
+            if (nb == 1) {
+              // one sample, its output positions in tiles [p0, p1)
+              const T* dg = d + (n * s.K + g * Kg) * P;
+              for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
+                const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
+                if (want_w) {  // ∂E/∂W += δ · colᵀ
+                  int64_t ldc;
+                  const T* cols = unroll(in, s, n, 1, g, col.data(), ldc, p0, p1);
+                  gemm<T>(false, true, Kg, rows, len, dg + p0, P, cols, ldc, true, gw_g, rows);
+                }
+                if (want_in) {  // δ_in = col2im(Wᵀ · δ)
+                  if (direct) {
+                    gemm<T>(true, false, rows, len, Kg, wg, rows, dg + p0, P, false, gin_ng + p0, P);
+                  } else {
+                    gemm<T>(true, false, rows, len, Kg, wg, rows, dg + p0, P, false, col.data(), len);
+                    col2im(col.data(), len, gin_ng, s, p0, p1);
+                  }
+                }
+              }
+              continue;
+            }
+            // a block of samples side by side
             int64_t ldd;
             const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
-            const T* wg = w + g * Kg * rows;
-            // ∂E/∂W += δ · colᵀ
             if (want_w) {
               int64_t ldc;
               const T* cols = unroll(in, s, n, nb, g, col.data(), ldc);
-              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw + g * Kg * rows, rows);
+              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw_g, rows);
             }
-            // δ_in = col2im(Wᵀ · δ)
             if (want_in) {
-              T* gin_ng = gin + (n * s.C + g * s.Cg()) * s.in_plane();
-              if (direct) {
-                gemm<T>(true, false, rows, P, Kg, wg, rows, dg, ldd, false, gin_ng, P);
-              } else {
-                gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, col.data(), nb * P);
-                for (int64_t j = 0; j < nb; ++j)
-                  col2im(col.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s);
-              }
+              gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, col.data(), nb * P);
+              for (int64_t j = 0; j < nb; ++j)
+                col2im(col.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s, int64_t(0), P);
             }
           }
         }
