@@ -1,0 +1,763 @@
+"""The fast paths of the kernels, each driven at its edges and compared with native (forward and
+backward) through the shared harness, and with the NumPy reference on tiny float64 sizes.
+
+* conv2d's own AVX-512 GEMM (csrc/gemm.cpp): register tile MR = 12 rows × NR = 32 (float) / 16
+  (double) columns, k blocks of KC = 256, MC = 144 rows and NC = 1536 columns packed at once. The
+  three products per sample block and group (csrc/conv2d.cpp) are
+      forward      [Kg × rows] · [rows × cols]
+      grad_input   [rows × Kg] · [Kg × cols]         (A transposed)
+      grad_weight  [Kg × cols] · [cols × rows]       (B transposed)
+  with Kg = K / groups, rows = Cg·kh·kw and cols = block·OH·OW. GEMM_CASES puts each of these
+  dimensions below one tile/block, on a multiple and one past it; `conv_plan` mirrors
+  plan_batches so that test_gemm_matrix_covers_the_edges can say which products the cases make.
+* the batch plan: sample blocks (block > 1 when OH·OW < 512) with remainders, per-thread chunks
+  (N ≥ threads, work ≥ 2^20) with batches not divisible by the thread count, the pointwise direct
+  path (col is the input itself) and pointwise convs that are not direct (stride 2, padding).
+* the direct depthwise kernels (groups == C).
+* max_pool2d: the NCHW phase-split rows (stride 1, 2, 3, (2,3); kernel widths 2 and 3 unrolled,
+  1, 4, 5 generic; dilation; padding; ceil_mode; every output width 1..40), the channels_last
+  kernel, backward with overlapping windows in both layouts.
+* the run-time ISA choice: a compact subset rerun in fresh processes with CNNBP_SIMD=portable and
+  CNNBP_SIMD=avx2 (read once at load), where the products go through ATen's BLAS.
+* determinism: two runs with a fixed thread count are bitwise identical.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import torch_cnnbp
+from torch_cnnbp import _args, reference
+
+from helpers import (
+    DTYPES,
+    assert_close,
+    assert_close_within_native_error,
+    compare_with_native,
+    conv2d_pair,
+    leaves,
+    max_pool2d_pair,
+    no_native_kernels_ran,
+)
+
+# Native warns that 'same' with an even kernel may copy the input; that is native's business.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+
+# The GEMM's blocking (csrc/gemm.cpp).
+MR, KC, MC, NC = 12, 256, 144, 1536
+NR = {torch.float32: 32, torch.float64: 16}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Seeded; one intra-op thread unless a case asks for more (the cases that are about a split
+    over threads say 2), and the caller's thread count put back afterwards. With two threads on a
+    loaded two-core machine every parallel region of ours and of native costs far more than its
+    work, and most cases here are small enough to run on the calling thread at any count."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randn(*shape, dtype=torch.float64):
+    """Normal values drawn in float64, then rounded once to `dtype` (both frameworks see the same)."""
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+def set_threads(n):
+    """Sets the intra-op thread count (None leaves it as it is) and checks that it took."""
+    if n is not None:
+        torch.set_num_threads(n)
+        assert torch.get_num_threads() == n
+
+
+def own_gemm_active() -> bool:
+    """conv2d's own AVX-512 GEMM runs here (csrc/simd.h): the CPU has AVX-512 F/BW/VL/DQ and
+    CNNBP_SIMD does not cap it. Otherwise the products go through ATen's BLAS."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    return ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+            and os.environ.get("CNNBP_SIMD") not in ("portable", "avx2"))
+
+
+# ---- a model of conv2d's batch plan (plan_batches, for_each_chunk, unroll in csrc/conv2d.cpp) ----
+
+def conv_plan(x_shape, w_shape, threads, stride=1, padding=0, dilation=1, groups=1):
+    """What conv2d.cpp does with these shapes at `threads` threads: the chunks, the sample block, the
+    blocks each chunk makes, whether col is the input itself, and the (M, N, K) of each product."""
+    N, C, H, W = x_shape
+    K, Cg, KH, KW = w_shape
+    w = torch.empty(w_shape, device="meta")
+    (sh, sw), (pt, pb, pl, pr), (dh, dw) = _args.conv2d_args(w, stride, padding, dilation)
+    OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+    P, rows, Kg = OH * OW, Cg * KH * KW, K // groups
+    work = N * K * P * rows
+    chunks = threads if threads > 1 and N >= threads and work >= 1 << 20 else 1
+    per_chunk = -(-N // chunks)
+    block = max(1, -(-512 // max(1, P)))
+    cap = max(1, (4 << 20) // max(1, rows * P))
+    block = max(1, min(block, per_chunk, cap))
+    spans = [(t * N // chunks, (t + 1) * N // chunks) for t in range(chunks)]
+    blocks = [min(block, last - n) for first, last in spans for n in range(first, last, block)]
+    pointwise = KH == KW == 1 and sh == sw == 1 and pt == pb == pl == pr == 0
+    products = set()
+    if Cg > 1:  # depthwise convs (Cg == 1) use direct loops, no products
+        for nb in set(blocks):
+            products |= {("forward", Kg, nb * P, rows), ("grad_input", rows, nb * P, Kg),
+                         ("grad_weight", Kg, rows, nb * P)}
+    return SimpleNamespace(P=P, rows=rows, Kg=Kg, work=work, chunks=chunks, block=block, blocks=blocks,
+                           direct=pointwise and block == 1, depthwise=Cg == 1, products=products)
+
+
+HALF_TYPES = (torch.bfloat16, torch.float16)
+
+
+def compare_half_with_native_and_exact(ours_fn, native_fn, inputs, msg=""):
+    """For float16 / bfloat16 convolutions. Native's half conv rounds partial sums on the way (its
+    float16 grad_input of a 4x4-kernel conv measured 0.031 off the exact result where ours, which
+    sums in float and rounds once, is 0.012 off), so a sum of a few hundred terms can put the two
+    further apart than the per-op tolerance with native the less accurate one. So each output and
+    gradient is checked twice: against the exact result (native in float64 on the same rounded
+    inputs and upstream gradient) at the dtype's tolerance, which a single rounding meets; and
+    against native with assert_close_within_native_error (as accurate as native)."""
+    runs = []
+    for fn, dtype in ((ours_fn, None), (native_fn, None), (native_fn, torch.float64)):
+        ts = leaves(*inputs, dtype=dtype)
+        out = fn(*ts)
+        if not runs:
+            g = randn(*out.shape, dtype=out.dtype)
+        grads = torch.autograd.grad(out, [t for t in ts if t is not None], g.to(out.dtype))
+        runs.append((out.detach(), *grads))
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    for what, ours, native, exact in zip(names, *runs):
+        assert ours.shape == native.shape and ours.dtype == native.dtype, f"{msg}: {what} shape/dtype"
+        assert_close(ours, exact.to(ours.dtype), msg=f"{msg}: {what} against float64")
+        assert_close_within_native_error(ours, native, exact, msg=f"{msg}: {what} against native")
+    return runs[0]
+
+
+def run_conv_case(x_shape, w_shape, bias, kw, dtype, threads=None, msg=""):
+    """Random inputs of these shapes, ours against native (forward and every gradient)."""
+    set_threads(threads)
+    x = randn(*x_shape, dtype=dtype)
+    w = randn(*w_shape, dtype=dtype)
+    b = randn(w_shape[0], dtype=dtype) if bias else None
+    ours, native = conv2d_pair(**kw)
+    if dtype in HALF_TYPES:
+        return compare_half_with_native_and_exact(ours, native, (x, w, b), msg=f"{msg}, {dtype}")
+    return compare_with_native(ours, native, (x, w, b), msg=msg)
+
+
+# ---- the GEMM: tile, k-block, row-block and column-block edges --------------------------------
+
+# (id, input shape, weight shape, bias, kwargs, threads). N = 1 unless said otherwise, so that the
+# sample block is 1 and the products' columns are OH·OW exactly. Ids: Kg, rows, OH·OW. threads None
+# runs at one thread (the fixture); 2 where the columns are enough to be split over two threads.
+GEMM_CASES = [
+    # Kg and the columns around the tile, rows around it too (grad_weight's columns)
+    ("Kg11_rows31_cols31_1x1pad", (1, 31, 1, 29), (11, 31, 1, 1), True, dict(padding=(0, 1)), None),
+    ("Kg12_rows32_cols32", (1, 2, 7, 11), (12, 2, 4, 4), False, {}, None),
+    ("Kg13_rows33_cols33", (1, 11, 5, 11), (13, 11, 3, 1), True, {}, None),
+    ("Kg25_rows65_cols65", (1, 13, 9, 13), (25, 13, 5, 1), False, {}, None),
+    ("Kg12_rows15_cols15", (1, 5, 3, 15), (12, 5, 3, 1), True, {}, None),
+    ("Kg12_rows16_cols16", (1, 4, 3, 9), (12, 4, 2, 2), False, {}, None),
+    ("Kg24_rows17_cols17_1x1s2", (1, 17, 1, 33), (24, 17, 1, 1), True, dict(stride=2), None),
+    ("Kg1_rows12_cols1", (1, 3, 2, 2), (1, 3, 2, 2), True, {}, None),
+    # rows (grad_input's M) around MR
+    ("Kg5_rows11_cols33_1x1", (1, 11, 3, 11), (5, 11, 1, 1), True, {}, None),
+    ("Kg7_rows13_cols32_1x1s2", (1, 13, 7, 15), (7, 13, 1, 1), False, dict(stride=2), None),
+    ("Kg3_rows25_cols65_1x1pad", (1, 25, 3, 13), (3, 25, 1, 1), True, dict(padding=1), None),
+    # rows (k of the forward product, columns of grad_weight's) around KC = 256
+    ("Kg13_rows255_cols33", (1, 85, 5, 11), (13, 85, 3, 1), True, {}, None),
+    ("Kg12_rows256_cols32", (1, 16, 7, 11), (12, 16, 4, 4), False, {}, None),
+    ("Kg11_rows257_cols55_1x1s2", (1, 257, 9, 21), (11, 257, 1, 1), True, dict(stride=2), None),
+    ("Kg25_rows513_cols55", (1, 57, 7, 13), (25, 57, 3, 3), False, {}, None),
+    ("groups2_Kg13_rows257_cols33_pad1", (1, 514, 3, 11), (26, 257, 1, 1), True, dict(groups=2, padding=(1, 0)), None),
+    ("Kg144_rows144_cols32", (1, 16, 6, 10), (144, 16, 3, 3), True, {}, None),
+    ("Kg145_rows27_cols33", (1, 3, 5, 13), (145, 3, 3, 3), False, {}, None),
+    # rows past NC (grad_weight's columns) and several KC blocks (the forward's k)
+    ("Kg13_rows1539_cols25_1thread", (1, 171, 7, 7), (13, 171, 3, 3), False, dict(), 1),
+    ("Kg13_rows3105_cols25_2threads", (1, 345, 7, 7), (13, 345, 3, 3), True, dict(), 2),
+    # Kg past MC = 144 (forward rows) and past KC (grad_input's k); rows past MC (grad_input's rows)
+    ("Kg257_rows153_cols51", (1, 17, 5, 19), (257, 17, 3, 3), True, {}, None),
+    ("Kg289_rows36_cols99", (1, 4, 5, 35), (289, 4, 3, 3), False, {}, None),
+    ("Kg13_rows289_cols15_pad01", (1, 289, 3, 13), (13, 289, 1, 1), True, dict(padding=(0, 1)), None),
+    ("Kg12_rows145_cols32_1x1pad1", (1, 145, 2, 6), (12, 145, 1, 1), False, dict(padding=1), None),
+    # columns (OH·OW) around KC for grad_weight's k: 255, 256, 257, 513
+    ("Kg12_rows27_cols255", (1, 3, 17, 19), (12, 3, 3, 3), True, {}, None),
+    ("Kg12_rows27_cols256", (1, 3, 18, 18), (12, 3, 3, 3), False, {}, None),
+    ("Kg12_rows27_cols257", (1, 3, 3, 259), (12, 3, 3, 3), True, {}, None),
+    ("Kg13_rows27_cols513", (1, 3, 21, 29), (13, 3, 3, 3), False, {}, None),
+    # columns past NC = 1536 in one thread's share: one thread, or 3100 columns over two (each
+    # thread gets whole panels: 49 of 32 floats = 1568 or 97 of 16 doubles = 1552 for the first).
+    ("Kg13_rows27_cols1537_1thread", (1, 3, 31, 55), (13, 3, 3, 3), True, {}, 1),
+    ("Kg12_rows18_cols3100_2threads", (1, 2, 52, 64), (12, 2, 3, 3), False, {}, 2),
+    ("Kg25_rows257_cols1537_1thread", (1, 257, 29, 53), (25, 257, 1, 1), True, dict(padding=0, stride=1), 1),
+    # the same over two threads: 25 and 24 panels, the second ending in a 1-column edge tile
+    ("Kg25_rows257_cols1537_2threads", (1, 257, 29, 53), (25, 257, 1, 1), False, dict(stride=1), 2),
+]
+
+
+def case_id(case):
+    return case[0]
+
+
+def test_gemm_matrix_covers_the_edges():
+    """The GEMM cases make products whose every dimension sits below, on and one past the tile and
+    block sizes (per the model of conv2d.cpp's plan; a model test, it checks the matrix itself)."""
+    dims = {"fM": set(), "fN": set(), "fK": set(), "iM": set(), "iK": set(), "wN": set(), "wK": set()}
+    for _, xs, ws, _, kw, threads in GEMM_CASES:
+        plan = conv_plan(xs, ws, threads or 1, **kw)
+        assert plan.blocks and set(plan.blocks) == {1} and not plan.depthwise, "one sample per product"
+        for name, M, N, K in plan.products:
+            key = {"forward": "f", "grad_input": "i", "grad_weight": "w"}[name]
+            for d, v in zip("MNK", (M, N, K)):
+                dims.setdefault(key + d, set()).add(v)
+    def edges(size):
+        return {size - 1, size, size + 1, 2 * size + 1}
+
+    # rows of the tile (MR) and of the packed block (MC): forward's M = Kg, grad_input's M = rows
+    assert edges(MR) <= dims["fM"] and {MC, MC + 1, 2 * MC + 1} <= dims["fM"]
+    assert edges(MR) <= dims["iM"] and {MC, MC + 1, MC + 9, 2 * MC + 1} <= dims["iM"]
+    # columns of the tile (NR, per dtype) and of the packed block (NC, also within one thread's share)
+    for nr in NR.values():
+        assert edges(nr) <= dims["fN"] and edges(nr) <= dims["wN"]
+    assert {NC + 1, 2 * NC + 28} <= dims["fN"] and {NC + 3, 2 * NC + 33} <= dims["wN"]
+    # k blocks (KC): forward's k = rows, grad_input's k = Kg, grad_weight's k = OH·OW
+    assert edges(KC) <= dims["fK"] and {6 * KC + 3, 12 * KC + 33} <= dims["fK"]
+    assert KC + 1 in dims["iK"]
+    assert edges(KC) <= dims["wK"] and NC + 1 in dims["wK"]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", GEMM_CASES, ids=case_id)
+def test_gemm_edges_match_native(case, dtype):
+    name, xs, ws, bias, kw, threads = case
+    run_conv_case(xs, ws, bias, kw, dtype, threads, msg=name)
+
+
+GEMM_DTYPE_CASES = (
+    "Kg13_rows33_cols33", "Kg25_rows65_cols65", "Kg12_rows256_cols32", "Kg11_rows257_cols55_1x1s2", "Kg12_rows27_cols257",
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", GEMM_DTYPE_CASES)
+def test_gemm_edges_every_dtype(name, dtype):
+    _, xs, ws, bias, kw, threads = next(c for c in GEMM_CASES if c[0] == name)
+    run_conv_case(xs, ws, bias, kw, dtype, threads, msg=name)
+
+
+@pytest.mark.skipif(not own_gemm_active(), reason="the own AVX-512 GEMM does not run on this CPU / CNNBP_SIMD")
+def test_own_gemm_is_what_runs_here():
+    """On this machine the GEMM cases drive csrc/gemm.cpp, not ATen's BLAS: no aten::mm / addmm."""
+    x, w = randn(1, 16, 7, 11, dtype=torch.float32), randn(12, 16, 4, 4, dtype=torch.float32)
+    xa, wa = leaves(x, w)
+
+    def run():
+        y = torch_cnnbp.conv2d(xa, wa)
+        torch.autograd.grad(y, (xa, wa), torch.ones_like(y))
+
+    assert no_native_kernels_ran(run, forbidden=("mm", "bmm", "matmul")) == []
+
+
+# ---- the batch plan: sample blocks, per-thread chunks, the pointwise direct path ----------------
+
+# (id, input shape, weight shape, bias, kwargs). Run at 1 thread, and at 2 where that changes the
+# plan (PLAN_RUNS).
+PLAN_CASES = [
+    # 7x7 outputs: block 11; N = 13 chunks at 2 threads (work ≥ 2^20), N = 5, 9 do not.
+    ("out7x7_N5", (5, 16, 9, 9), (16, 16, 3, 3), True, {}),
+    ("out7x7_N9", (9, 16, 9, 9), (16, 16, 3, 3), False, {}),
+    ("out7x7_N13", (13, 16, 9, 9), (16, 16, 3, 3), True, {}),
+    # 3x3 outputs: block 57, capped by the batch (or the chunk)
+    ("out3x3_N5", (5, 32, 5, 5), (32, 32, 3, 3), False, {}),
+    ("out3x3_N9_pad1_s2", (9, 32, 6, 6), (32, 32, 3, 3), True, dict(stride=2, padding=1)),
+    ("out3x3_N13", (13, 32, 5, 5), (32, 32, 3, 3), True, {}),
+    # 10x10 outputs: block 6, so 13 = 6 + 6 + 1 at one thread, 6 | 6 + 1 at two
+    ("out10x10_N13_blocks_6_6_1", (13, 8, 12, 12), (16, 8, 3, 3), False, {}),
+    ("out14x14_N5_blocks_3_2", (5, 8, 16, 16), (24, 8, 3, 3), True, {}),
+    ("groups3_out7x7_N7", (7, 6, 9, 9), (9, 2, 3, 3), True, dict(groups=3)),
+    ("groups2_out7x7_N13_pad1", (13, 16, 7, 7), (32, 8, 3, 3), False, dict(groups=2, padding=1)),
+    # pointwise: direct (col is the input) when the block is 1: OH·OW ≥ 512, or one sample per chunk
+    ("pointwise_direct_24x24_N3", (3, 32, 24, 24), (48, 32, 1, 1), True, {}),
+    ("pointwise_direct_groups2_N3", (3, 32, 24, 24), (48, 16, 1, 1), False, dict(groups=2)),
+    ("pointwise_16x16_N2", (2, 64, 16, 16), (64, 64, 1, 1), True, {}),
+    ("pointwise_direct_N1", (1, 24, 5, 7), (13, 24, 1, 1), True, {}),
+    ("pointwise_blocked_7x7_N5", (5, 32, 7, 7), (16, 32, 1, 1), False, {}),
+    ("pointwise_stride2_N5", (5, 16, 15, 15), (24, 16, 1, 1), True, dict(stride=2)),
+    ("pointwise_pad1_N3", (3, 16, 10, 10), (24, 16, 1, 1), False, dict(padding=1)),
+    ("pointwise_stride2_pad1_N13", (13, 64, 13, 13), (64, 64, 1, 1), True, dict(stride=2, padding=1)),
+    ("batch0", (0, 16, 9, 9), (16, 16, 3, 3), True, {}),
+]
+
+
+def test_plan_matrix_covers_every_path():
+    """The plan cases reach each branch of plan_batches (per the model of it)."""
+    plans = {(name, t): conv_plan(xs, ws, t, **kw) for name, xs, ws, _, kw in PLAN_CASES for t in (1, 2)}
+    assert any(p.chunks == 2 and p.block > 1 for p in plans.values()), "chunks of sample blocks"
+    assert any(p.chunks == 2 and len(set(p.blocks)) > 1 for p in plans.values()), "chunk with a remainder block"
+    assert any(p.chunks == 1 and p.block > 1 and len(set(p.blocks)) > 1 for p in plans.values()), "remainder, 1 chunk"
+    assert any(p.chunks == 2 and p.direct for p in plans.values()), "direct pointwise in chunks"
+    assert any(p.chunks == 1 and p.direct for p in plans.values()), "direct pointwise, one chunk"
+    assert plans[("pointwise_16x16_N2", 2)].direct and not plans[("pointwise_16x16_N2", 1)].direct
+    assert not plans[("pointwise_blocked_7x7_N5", 1)].direct and plans[("pointwise_blocked_7x7_N5", 1)].block == 5
+    assert not plans[("pointwise_stride2_N5", 2)].direct and not plans[("pointwise_pad1_N3", 2)].direct
+    # chunked with a batch the thread count does not divide, and not chunked for lack of work
+    batch = {name: xs[0] for name, xs, *_ in PLAN_CASES}
+    assert any(p.chunks == 2 and batch[n] % 2 for (n, t), p in plans.items()), "chunks of unequal size"
+    assert plans[("out7x7_N9", 2)].chunks == 1 and plans[("out7x7_N13", 2)].chunks == 2
+    assert plans[("out10x10_N13_blocks_6_6_1", 1)].blocks == [6, 6, 1]
+    assert plans[("out10x10_N13_blocks_6_6_1", 2)].blocks == [6, 6, 1]  # chunk [0, 6) and [6, 13)
+    two = [c[0] for c, t in PLAN_RUNS if t == 2]
+    assert len(two) >= 8 and "out7x7_N13" in two and "pointwise_16x16_N2" in two and "out7x7_N9" not in two
+
+
+def plan_changes_with_two_threads(case):
+    _, xs, ws, _, kw = case
+    one, two = conv_plan(xs, ws, 1, **kw), conv_plan(xs, ws, 2, **kw)
+    return (one.chunks, one.blocks, one.direct) != (two.chunks, two.blocks, two.direct)
+
+
+PLAN_RUNS = [(c, 1) for c in PLAN_CASES] + [(c, 2) for c in PLAN_CASES if plan_changes_with_two_threads(c)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case,threads", PLAN_RUNS, ids=lambda v: case_id(v) if isinstance(v, tuple) else f"{v}thr")
+def test_batch_plan_matches_native(case, threads, dtype):
+    name, xs, ws, bias, kw = case
+    run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name", ("out7x7_N13", "pointwise_16x16_N2", "out10x10_N13_blocks_6_6_1"))
+def test_batch_plan_half_types(name, dtype):
+    _, xs, ws, bias, kw = next(c for c in PLAN_CASES if c[0] == name)
+    run_conv_case(xs, ws, bias, kw, dtype, 2, msg=name)
+
+
+# ---- depthwise: the direct kernels --------------------------------------------------------------
+
+# (id, channel multiplier, kernel, bias, kwargs); C = 3 = groups, widths 1, 3, ..., 37.
+DEPTHWISE_CASES = [
+    ("mult1_k3_s1_p1_bias", 1, (3, 3), True, dict(padding=1)),
+    ("mult3_k3_s2_p1", 3, (3, 3), False, dict(stride=2, padding=1)),
+    ("mult1_k3_s3_p1_bias", 1, (3, 3), True, dict(stride=3, padding=1)),
+    ("mult3_k3_s12_d2_p2_bias", 3, (3, 3), True, dict(stride=(1, 2), dilation=2, padding=2)),
+    ("mult1_k24_same_asym", 1, (2, 4), False, dict(padding="same")),
+    ("mult3_k24_same_asym_bias", 3, (2, 4), True, dict(padding="same")),
+    ("mult3_k32_same_d2", 3, (3, 2), False, dict(padding="same", dilation=2)),
+    ("mult1_k5_s2_p4_d2", 1, (5, 5), True, dict(stride=2, padding=4, dilation=2)),
+]
+
+ODD_WIDTHS = tuple(range(1, 38, 2))
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=case_id)
+def test_depthwise_every_odd_width(case):
+    name, mult, (kh, kw_), bias, kw = case
+    C = 3
+    for W in ODD_WIDTHS:
+        x_shape, w_shape = (2, C, 5, W), (C * mult, 1, kh, kw_)
+        assert conv_plan(x_shape, w_shape, 2, groups=C, **kw).depthwise
+        run_conv_case(x_shape, w_shape, bias, dict(groups=C, **kw), torch.float64, msg=f"{name}, W={W}")
+    # batch 0
+    run_conv_case((0, C, 5, 9), (C * mult, 1, kh, kw_), bias, dict(groups=C, **kw), torch.float64, msg=f"{name}, N=0")
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_depthwise_threaded_every_dtype(dtype, threads):
+    """Planes large enough to be split over threads (and the weight gradient over channels)."""
+    run_conv_case((3, 8, 24, 25), (24, 1, 3, 3), True, dict(groups=8, padding=1), dtype, threads, msg="depthwise mult 3")
+    run_conv_case((3, 8, 23, 29), (8, 1, 3, 3), False, dict(groups=8, stride=2), dtype, threads, msg="depthwise stride 2")
+
+
+# ---- max_pool2d: the phase-split rows (NCHW) and the channels_last kernel -------------------------
+
+# kernel widths 2, 3 (unrolled) and 1, 4, 5 (generic); strides 1, 2, 3, (2, 3); dilation; padding; ceil.
+POOL_CASES = [
+    dict(kernel_size=2, stride=1),
+    dict(kernel_size=2, stride=2),
+    dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+    dict(kernel_size=3, stride=3, ceil_mode=True),
+    dict(kernel_size=3, stride=(2, 3), padding=1),
+    dict(kernel_size=(2, 3), stride=(2, 3), dilation=2, ceil_mode=True),
+    dict(kernel_size=3, stride=2, padding=1, dilation=2),
+    dict(kernel_size=1, stride=1),
+    dict(kernel_size=1, stride=2, ceil_mode=True),
+    dict(kernel_size=4, stride=2, padding=2),
+    dict(kernel_size=(3, 4), stride=(1, 3), padding=(1, 1), dilation=(1, 2), ceil_mode=True),
+    dict(kernel_size=5, stride=3, padding=2, ceil_mode=True),
+    dict(kernel_size=(4, 5), stride=(2, 1), dilation=(2, 1)),
+]
+
+
+def kw_id(kw):
+    """A short test id for pooling keyword arguments: {'kernel_size': (2, 3), 'stride': 1} -> k2x3-s1."""
+    short = dict(kernel_size="k", stride="s", padding="p", dilation="d", ceil_mode="ceil")
+    parts = []
+    for key, v in kw.items():
+        if key == "ceil_mode":
+            parts.append("ceil" if v else "floor")
+        else:
+            parts.append(short[key] + ("x".join(map(str, v)) if isinstance(v, tuple) else str(v)))
+    return "-".join(parts)
+
+
+def pooled_width(W, kw):
+    """Output width, as reference.max_pool2d_forward computes it."""
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    k, s = pair(kw["kernel_size"])[1], pair(kw.get("stride", kw["kernel_size"]))[1]
+    p, d = pair(kw.get("padding", 0))[1], pair(kw.get("dilation", 1))[1]
+    n = (W + 2 * p - d * (k - 1) - 1 + (s - 1 if kw.get("ceil_mode") else 0)) // s + 1
+    if kw.get("ceil_mode") and (n - 1) * s >= W + p:
+        n -= 1
+    return n
+
+
+def pool_widths(kw, most=40):
+    """For every output width 1 .. `most`: the narrowest input giving it and, in ceil mode for odd
+    output widths, also the widest (whose last window hangs over the right edge)."""
+    by_width = {}
+    for W in range(1, 4 * most + 16):
+        by_width.setdefault(pooled_width(W, kw), []).append(W)
+    widths = []
+    for ow in range(1, most + 1):
+        ws = by_width.get(ow, [])
+        widths += ws[:1] + (ws[-1:] if kw.get("ceil_mode") and ow % 2 and len(ws) > 1 else [])
+    return widths
+
+
+def run_pool_case(x, kw, threads=None, msg=""):
+    set_threads(threads)
+    ours, native = max_pool2d_pair(return_indices=True, **kw)
+    out, indices = compare_with_native(ours, native, (x,), msg=msg)
+    if x.dim() == 4 and x.size(1) > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        assert out.is_contiguous(memory_format=torch.channels_last), f"{msg}: layout"
+        assert indices.is_contiguous(memory_format=torch.channels_last), f"{msg}: indices layout"
+    return out, indices
+
+
+@pytest.mark.parametrize("kw", POOL_CASES, ids=kw_id)
+def test_max_pool2d_nchw_every_output_width(kw):
+    """Every output width 1..40 (the odd ones leave a tail after the vector loop), NCHW, float64."""
+    seen = set()
+    for W in pool_widths(kw):
+        out, _ = run_pool_case(randn(1, 2, 7, W), kw, msg=f"{kw_id(kw)}, W={W}")
+        seen.add(out.shape[-1])
+    assert set(range(1, 40, 2)) <= seen, sorted(set(range(1, 40, 2)) - seen)
+
+
+CL_CHANNELS = (1, 3, 16, 17, 64, 65)
+CL_CASES = [
+    dict(kernel_size=2, stride=2),
+    dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+    dict(kernel_size=3, stride=1, dilation=2, padding=1),
+    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("kw", CL_CASES, ids=kw_id)
+@pytest.mark.parametrize("C", CL_CHANNELS)
+def test_max_pool2d_channels_last(C, kw):
+    """channels_last: the loop over channels with C below, on and past the vector width; batch 1 and
+    3 at 2 threads (the backward splits by sample when N ≥ threads, else by blocks of 64 channels);
+    odd output widths."""
+    for N in (1, 3):
+        for H, W in ((9, 11), (6, 7)):
+            x = randn(N, C, H, W).contiguous(memory_format=torch.channels_last)
+            run_pool_case(x, kw, threads=2, msg=f"{kw_id(kw)}, N={N}, C={C}, {H}x{W}")
+
+
+OVERLAP_CASES = [
+    dict(kernel_size=3, stride=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2)),
+    dict(kernel_size=3, stride=1, dilation=2, ceil_mode=True),
+    dict(kernel_size=4, stride=(2, 3), padding=2, ceil_mode=True),
+]
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("kw", OVERLAP_CASES, ids=kw_id)
+def test_max_pool2d_backward_overlapping_windows(kw, layout, threads):
+    """Windows overlap, so an input that wins several receives the sum of their gradients. Values
+    from few levels make wins shared between neighbouring windows common; ties go to the first tap
+    in both. Batches below and above the thread count; planes big enough to split over threads."""
+    for N, C, H, W in ((1, 65, 20, 23), (3, 5, 33, 35), (5, 130, 9, 9)):
+        x = (torch.randint(0, 7, (N, C, H, W)).double() + 0.01 * randn(N, C, H, W).round(decimals=1))
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        run_pool_case(x, kw, threads=threads, msg=f"{kw_id(kw)}, {layout}, N={N}, C={C}, {threads} threads")
+    # some input really did win more than one window (or the test would not be about overlap)
+    x_leaf = x.clone().requires_grad_()
+    out = torch_cnnbp.max_pool2d(x_leaf, **kw)
+    (g,) = torch.autograd.grad(out, x_leaf, torch.ones_like(out))
+    assert g.max() >= 2
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_pool2d_every_dtype(dtype, layout):
+    for kw in (dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+               dict(kernel_size=5, stride=(2, 3), padding=2)):
+        for W in (1, 7, 17, 33, 40):
+            if pooled_width(W, kw) < 1:
+                continue
+            x = randn(3, 17, 8, W, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            run_pool_case(x, kw, threads=2, msg=f"{kw_id(kw)}, {dtype}, W={W}")
+
+
+# A window can hold no pixel of the image at all: dilation 2 steps over a 1-pixel image from the
+# padding before it to the position after it (kernel 2, padding 1, dilation 2 is a valid pooling).
+# Native returns -inf with an index past the plane there, and its backward then writes out of
+# bounds (a double free here), so native is not run on these.
+EMPTY_WINDOW_CASES = [
+    ("rows", (1, 3, 1, 4), dict(kernel_size=(2, 1), stride=1, padding=(1, 0), dilation=(2, 1))),
+    ("columns", (2, 3, 5, 1), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2))),
+]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a max-pool window with no in-image tap (dilation stepping over a 1-pixel image, e.g. H = 1, "
+    "kernel_size=(2, 1), padding=(1, 0), dilation=(2, 1)) reports a position outside the window as its "
+    "argmax: window() in csrc/max_pool2d.cpp advances the first tap past the image's end. Along H the "
+    "index falls past the plane and backward raises 'index 4 is outside the input plane of 4 elements'; "
+    "along W it lands on a pixel of the next row, which silently receives the window's gradient"))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("case", EMPTY_WINDOW_CASES, ids=case_id)
+def test_max_pool2d_window_with_no_in_image_tap(case, layout):
+    _, shape, kw = case
+    x = randn(*shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa = x.clone().requires_grad_()
+    out, indices = torch_cnnbp.max_pool2d(xa, return_indices=True, **kw)
+    plane = shape[2] * shape[3]
+    assert torch.isneginf(out).any(), "the case has an empty window"
+    assert ((indices >= 0) & (indices < plane)).all(), f"indices outside the plane of {plane}: {indices.unique().tolist()}"
+    g = randn(*out.shape)
+    (gin,) = torch.autograd.grad(out, xa, g)
+    # every finite output passes its gradient to its winner; the empty windows pass none
+    expected = torch.zeros(x.shape[0], x.shape[1], plane, dtype=torch.float64)
+    finite = torch.isfinite(out)
+    expected.scatter_add_(2, indices.where(finite, 0).flatten(2), g.where(finite, 0).flatten(2))
+    assert_close(gin, expected.view(x.shape))
+
+
+# ---- the NumPy reference, tiny float64 sizes ------------------------------------------------------
+
+REFERENCE_CONV_CASES = [
+    # (id, input, weight, bias, kwargs, threads)
+    ("gemm_Kg13_cols33", (1, 2, 5, 13), (13, 2, 3, 3), True, {}, None),
+    ("blocks_3_1", (4, 2, 12, 19), (2, 2, 3, 2), True, dict(padding=(1, 0)), 1),  # OH·OW = 200: block 3
+    ("pointwise_direct", (1, 5, 3, 4), (3, 5, 1, 1), False, {}, None),
+    ("pointwise_stride2_pad1", (2, 3, 5, 4), (2, 3, 1, 1), True, dict(stride=2, padding=1), None),
+    ("depthwise_mult3_s2", (2, 2, 5, 7), (6, 1, 3, 3), True, dict(groups=2, stride=2, padding=1), None),
+    ("depthwise_same_asym_d2", (1, 3, 5, 6), (3, 1, 2, 3), False, dict(groups=3, padding="same", dilation=(2, 1)), None),
+    ("groups2_dil2", (2, 4, 6, 7), (4, 2, 2, 3), True, dict(groups=2, dilation=2, stride=(1, 2)), None),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CONV_CASES, ids=case_id)
+def test_conv2d_matches_numpy_reference(case):
+    name, xs, ws, bias, kw, threads = case
+    set_threads(threads)
+    x, w = randn(*xs), randn(*ws)
+    b = randn(ws[0]) if bias else None
+    stride, padding, dilation = _args.conv2d_args(w, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1))
+    groups = kw.get("groups", 1)
+    xa, wa, ba = leaves(x, w, b)
+    y = torch_cnnbp.conv2d(xa, wa, ba, **kw)
+    g = randn(*y.shape)
+    grads = torch.autograd.grad(y, [t for t in (xa, wa, ba) if t is not None], g)
+    geo = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    o_np, w_np, g_np = x.numpy(), w.numpy(), g.numpy()
+    expected = reference.conv2d_forward(o_np, w_np, None if b is None else b.numpy(), **geo)
+    assert_close(y.detach(), torch.from_numpy(expected), msg=f"{name}: output")
+    assert_close(grads[0], torch.from_numpy(reference.conv2d_grad_input(g_np, w_np, xs, **geo)), msg=f"{name}: grad_input")
+    assert_close(grads[1], torch.from_numpy(reference.conv2d_grad_weight(o_np, g_np, ws, **geo)), msg=f"{name}: grad_weight")
+    if b is not None:
+        assert_close(grads[2], torch.from_numpy(reference.conv2d_grad_bias(g_np)), msg=f"{name}: grad_bias")
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("kw", (dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True),
+                                dict(kernel_size=(2, 3), stride=(1, 3), padding=(1, 1)),
+                                dict(kernel_size=3, stride=1),
+                                dict(kernel_size=5, stride=3, padding=2, ceil_mode=True)), ids=kw_id)
+def test_max_pool2d_matches_numpy_reference(kw, layout):
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    for C, W in ((3, 9), (17, 11), (2, 1)):
+        if pooled_width(W, kw) < 1:
+            continue
+        x = randn(2, C, 6, W)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xa = x.clone().requires_grad_()
+        out, idx = torch_cnnbp.max_pool2d(xa, return_indices=True, **kw)
+        g = randn(*out.shape)
+        (gin,) = torch.autograd.grad(out, xa, g)
+        ref_out, ref_idx = reference.max_pool2d_forward(
+            x.numpy(), pair(kw["kernel_size"]), pair(kw.get("stride", kw["kernel_size"])), pair(kw.get("padding", 0)),
+            pair(kw.get("dilation", 1)), kw.get("ceil_mode", False))
+        msg = f"{kw_id(kw)}, {layout}, C={C}, W={W}"
+        assert_close(out.detach(), torch.from_numpy(ref_out), msg=f"{msg}: output")
+        assert torch.equal(idx, torch.from_numpy(ref_idx)), f"{msg}: indices"
+        ref_gin = reference.max_pool2d_backward(g.numpy(), ref_idx, tuple(x.shape))
+        assert_close(gin, torch.from_numpy(ref_gin), msg=f"{msg}: grad_input")
+
+
+# ---- determinism at a fixed thread count ---------------------------------------------------------
+
+DETERMINISM_CONV = [
+    # chunked sample blocks with a remainder; blocked GEMM across KC (rows 513) and NC (3100 cols)
+    ("chunked_blocks_out7x7_N13", (13, 16, 9, 9), (16, 16, 3, 3), dict()),
+    ("chunked_rows513_N3", (3, 57, 9, 15), (25, 57, 3, 3), dict(padding=1)),
+    ("cols3100_N2", (2, 2, 52, 64), (12, 2, 3, 3), dict()),
+    ("pointwise_direct_chunked_N3", (3, 32, 24, 24), (48, 32, 1, 1), dict()),
+    ("depthwise_mult3", (3, 8, 24, 25), (24, 1, 3, 3), dict(groups=8, padding=1)),
+]
+
+
+def conv_results(x, w, b, kw, g):
+    xa, wa, ba = leaves(x, w, b)
+    y = torch_cnnbp.conv2d(xa, wa, ba, **kw)
+    return (y.detach(), *torch.autograd.grad(y, (xa, wa, ba), g))
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_conv2d_deterministic(dtype, threads):
+    """At a fixed thread count two runs are bitwise equal: chunked sample blocks (per-chunk weight
+    gradients added in chunk order), the blocked GEMM across k and column blocks, the direct
+    pointwise path, the depthwise loops."""
+    set_threads(threads)
+    for name, xs, ws, kw in DETERMINISM_CONV:
+        if threads == 2 and name.startswith("chunked"):
+            assert conv_plan(xs, ws, 2, **kw).chunks == 2, name
+        x, w, b = randn(*xs, dtype=dtype), randn(*ws, dtype=dtype), randn(ws[0], dtype=dtype)
+        g = randn(*torch_cnnbp.conv2d(x, w, b, **kw).shape, dtype=dtype)
+        first, second = conv_results(x, w, b, kw, g), conv_results(x, w, b, kw, g)
+        for what, a, c in zip(("output", "grad_input", "grad_weight", "grad_bias"), first, second):
+            assert torch.equal(a, c), f"{name}, {threads} threads: {what} differs between runs"
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_max_pool2d_deterministic(layout, threads):
+    """Overlapping windows (gradients summed where an input wins several), planes split over threads."""
+    set_threads(threads)
+    x = randn(3, 65, 33, 35, dtype=torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for kw in (dict(kernel_size=3, stride=1), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)):
+        runs, g = [], None
+        for _ in range(2):
+            xa = x.clone().requires_grad_()
+            out, idx = torch_cnnbp.max_pool2d(xa, return_indices=True, **kw)
+            g = randn(*out.shape, dtype=out.dtype) if g is None else g
+            (gin,) = torch.autograd.grad(out, xa, g)
+            runs.append((out.detach(), idx, gin))
+        for what, a, c in zip(("output", "indices", "grad_input"), *runs):
+            assert torch.equal(a, c), f"{kw_id(kw)}, {layout}, {threads} threads: {what} differs"
+
+
+# ---- the run-time ISA choice: the portable and AVX2 paths on this machine ------------------------
+
+ISA_MARKER = "CNNBP_FAST_PATHS_ISA_OK"
+
+
+def run_isa_subset():
+    """A compact subset of the cases above, run in a fresh process under CNNBP_SIMD (see
+    test_isa_paths_in_fresh_processes). Raises on the first mismatch. Returns the number of
+    comparisons made. Cases set their own thread count (no pytest fixture runs here)."""
+    torch.manual_seed(0)
+    count = 0
+    gemm = ("Kg13_rows33_cols33", "Kg12_rows256_cols32", "Kg11_rows257_cols55_1x1s2", "Kg257_rows153_cols51",
+            "Kg13_rows27_cols1537_1thread", "Kg12_rows18_cols3100_2threads")
+    plan = (("out7x7_N13", 1), ("out7x7_N13", 2), ("out10x10_N13_blocks_6_6_1", 1), ("pointwise_direct_24x24_N3", 2),
+            ("pointwise_16x16_N2", 2), ("pointwise_blocked_7x7_N5", 1), ("pointwise_stride2_pad1_N13", 2))
+    for dtype in (torch.float32, torch.float64):
+        for name in gemm:
+            _, xs, ws, bias, kw, threads = next(c for c in GEMM_CASES if c[0] == name)
+            run_conv_case(xs, ws, bias, kw, dtype, threads or 1, msg=name)
+            count += 1
+        for name, threads in plan:
+            _, xs, ws, bias, kw = next(c for c in PLAN_CASES if c[0] == name)
+            run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
+            count += 1
+    for dtype in DTYPES:
+        run_conv_case((3, 8, 24, 25), (24, 1, 3, 3), True, dict(groups=8, padding=1), dtype, 2,
+                      msg="depthwise")
+        run_conv_case((2, 3, 5, 37), (9, 1, 2, 4), False, dict(groups=3, padding="same"), dtype, 1, msg="depthwise same")
+        count += 2
+    set_threads(1)
+    for kw in (POOL_CASES[1], POOL_CASES[4], POOL_CASES[6], POOL_CASES[7], POOL_CASES[13], POOL_CASES[3]):
+        for W in (1, 5, 17, 33, 39, 41):
+            if pooled_width(W, kw) >= 1:
+                for dtype in (torch.float64, torch.float32, torch.bfloat16):
+                    run_pool_case(randn(3, 2, 9, W, dtype=dtype), kw, msg=f"{kw_id(kw)}, W={W}")
+                    count += 1
+    for C in (1, 17, 65):
+        for N in (1, 3):
+            for kw in (CL_CASES[1], OVERLAP_CASES[0]):
+                x = randn(N, C, 9, 11).contiguous(memory_format=torch.channels_last)
+                run_pool_case(x, kw, threads=2, msg=f"channels_last {kw_id(kw)}, N={N}, C={C}")
+                count += 1
+    return count
+
+
+ISA_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import torch_cnnbp
+    import test_fast_paths as t
+    from helpers import no_native_kernels_ran
+    x, w = torch.randn(1, 4, 6, 10), torch.randn(12, 4, 3, 3)
+    blas = no_native_kernels_ran(lambda: torch_cnnbp.conv2d(x, w), forbidden=("mm",))
+    assert blas, "CNNBP_SIMD={isa}: expected the products to go through ATen's BLAS (aten::mm)"
+    n = t.run_isa_subset()
+    assert n > 50, n
+    print({marker!r}, {isa!r}, n)
+""")
+
+
+def test_isa_paths_in_fresh_processes():
+    """CNNBP_SIMD=portable and =avx2 (read once at load, so in fresh processes): the products go
+    through ATen's BLAS (seen in the profiler) and the depthwise / max-pool loops are compiled for
+    the baseline or AVX2; the compact subset matches native there too. The two run side by side."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    procs = {}
+    for isa in ("portable", "avx2"):
+        code = ISA_SCRIPT.format(tests=tests, isa=isa, marker=ISA_MARKER)
+        env = {**os.environ, "CNNBP_SIMD": isa, "OMP_WAIT_POLICY": "PASSIVE"}
+        procs[isa] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+    try:
+        for isa, proc in procs.items():
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, f"CNNBP_SIMD={isa}: exit {proc.returncode}\n{out}\n{err[-4000:]}"
+            assert f"{ISA_MARKER} {isa}" in out, f"CNNBP_SIMD={isa}: no marker\n{out}\n{err[-4000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
