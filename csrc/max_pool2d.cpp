@@ -365,6 +365,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           for (int64_t ij = 0; ij < out_plane; ++ij) {
             const int64_t off = (n * out_plane + ij) * C;
             for (int64_t c = c0; c < c1; ++c) {
+              if (d[off + c] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
               const int64_t at = idx[off + c];
               check(at);
               g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
@@ -379,6 +380,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           scalar_t* g = gin + p * in_plane;
           std::fill(g, g + in_plane, scalar_t(0));
           for (int64_t ij = 0; ij < out_plane; ++ij) {
+            if (d[p * out_plane + ij] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
             const int64_t at = idx[p * out_plane + ij];
             check(at);
             g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(d[p * out_plane + ij]));

@@ -113,3 +113,14 @@ def max_pool2d_output_size(in_hw, kernel: Pair, stride: Pair, padding: Pair, dil
     return tuple(
         pooled_size(in_hw[d], kernel[d], padding[d], stride[d], dilation[d], ceil_mode) for d in range(2)
     )
+
+
+def empty_pool_windows(in_len, out_len, k, pad, stride, dilation):
+    """Output positions of one pooled dimension whose window has no tap inside the input (possible
+    only with dilation > 1: the taps can step over a short input). Such a window outputs −inf with
+    an index that names no tap of it, and must send no gradient anywhere."""
+    if dilation == 1:
+        return []
+    in_len, out_len = int(in_len), int(out_len)
+    return [i for i in range(out_len)
+            if not any(0 <= i * stride - pad + m * dilation < in_len for m in range(k))]

@@ -179,13 +179,26 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.input_shape = inputs[0].shape
+        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+        ctx.input_shape = input.shape
+        # Windows that hold no input position (dilation stepping over a short input) send no gradient.
+        ctx.empty = [
+            _args.empty_pool_windows(input.shape[2 + d], output[0].shape[2 + d], kernel_size[d], padding[d],
+                                     stride[d], dilation[d])
+            for d in range(2)
+        ]
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
+        rows, cols = ctx.empty
+        if rows or cols:
+            drop = torch.zeros(grad_output.shape[2:], dtype=torch.bool, device=grad_output.device)
+            drop[rows, :] = True
+            drop[:, cols] = True
+            grad_output = grad_output.masked_fill(drop, 0)
         return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape), None, None, None, None, None
 
 
