@@ -1,7 +1,7 @@
 """Builds torch_cnnbp._C, the C++ kernels, against the torch that is installed.
 
 Install with `pip install --no-build-isolation -e .` so that the extension is compiled against the
-same torch it will be loaded into. CNNBP_DEBUG=1 builds with -O0 -g.
+same torch it will be loaded into. CNNBP_DEBUG=1 builds with -O0 -g; CNNBP_SANITIZE=1 adds ASan and UBSan.
 """
 import glob
 import os
@@ -16,6 +16,11 @@ cxx_flags = ["-std=c++17", "-O0" if debug else "-O3", "-fvisibility=hidden"]
 link_flags = []
 if debug:
     cxx_flags.append("-g")
+# CNNBP_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh builds and tests it).
+if os.environ.get("CNNBP_SANITIZE", "0") == "1":
+    sanitize_flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    cxx_flags += sanitize_flags
+    link_flags += sanitize_flags
 
 setup(
     name="torch_cnnbp",
