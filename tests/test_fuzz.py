@@ -107,9 +107,10 @@ def assert_same_rejection(ours_fn, native_err, msg):
 # ---- conv2d: valid configurations ---------------------------------------------------------------
 
 
-def compare_conv2d(ours_fn, native_fn, inputs, seed, msg, grad_scale=1.0):
-    """compare_with_native against native in the same dtype; where that fails in a reduced
-    precision, ours must instead match native computed in float64 and rounded once to the dtype.
+def compare_conv2d(ours_fn, native_fn, inputs, seed, msg, grad_scale=1.0, prep=lambda t: t):
+    """compare_with_native for conv2d on the leaves `inputs`, the op seeing (prep(x), w, b): against
+    native in the same dtype; where that fails in a reduced precision, ours must instead match
+    native computed in float64 and rounded once to the dtype.
 
     Native's reduced-precision results are sometimes themselves outside the dtype's tolerance of
     that float64 result: float16 (native's CPU backward accumulates in float16 and misses by more
@@ -118,22 +119,29 @@ def compare_conv2d(ours_fn, native_fn, inputs, seed, msg, grad_scale=1.0):
     over a channels_last input). When native's error is close to the tolerance, ours (correctly
     rounded or within an ulp of it) can differ from native by slightly more than the tolerance;
     the float64 reference settles those cases too. float32 and float64 are compared with native
-    only."""
+    only. The float64 reference is taken after prep, so that for an expanded input it rounds each
+    copy's gradient to the dtype before they are summed, as the op itself does."""
+    def ours(x, w, b=None):
+        return ours_fn(prep(x), w, b)
+
+    def native(x, w, b=None):
+        return native_fn(prep(x), w, b)
+
     torch.manual_seed(seed)  # the harness draws the upstream gradient from torch's global RNG
     try:
-        compare_with_native(ours_fn, native_fn, inputs, grad_scale=grad_scale, msg=msg)
+        compare_with_native(ours, native, inputs, grad_scale=grad_scale, msg=msg)
         return
     except AssertionError:
         dtype = inputs[0].dtype
         if dtype not in (torch.float16, torch.bfloat16):
             raise
 
-    def native64(*args):
-        return native_fn(*[None if a is None else a.double() for a in args]).to(dtype)
+    def native64(x, w, b=None):
+        return native_fn(prep(x).double(), w.double(), None if b is None else b.double()).to(dtype)
 
     event(f"conv2d {dtype}: compared with native in float64")
     torch.manual_seed(seed)
-    compare_with_native(ours_fn, native64, inputs, grad_scale=grad_scale,
+    compare_with_native(ours, native64, inputs, grad_scale=grad_scale,
                         msg=f"{msg} (vs native in float64, after a mismatch with native {dtype})")
 
 
@@ -209,18 +217,20 @@ def test_conv2d_matches_native(case):
         return t.expand(expand_to) if expand_to is not None else t
 
     def ours(x, w, b=None):
-        return torch_cnnbp.conv2d(prep(x), w, b, **kwargs)
+        return torch_cnnbp.conv2d(x, w, b, **kwargs)
 
     def native(x, w, b=None):
-        return F.conv2d(prep(x), w, b, **kwargs)
+        return F.conv2d(x, w, b, **kwargs)
 
     note(f"input {tuple(prep(x).shape)} strides {prep(x).stride()}, weight {tuple(w.shape)} {w.stride()}")
     inputs = [x, w] + ([b] if b is not None else [])
-    # An expanded (broadcast) leaf's gradient is the sum of the per-sample gradients, each already
-    # rounded to the dtype by the op: in half precision its error grows with the batch, which is
-    # what the harness's grad_scale is for.
-    scale = float(batch) if expand_to is not None and batch and dtype in (torch.float16, torch.bfloat16) else 1.0
-    compare_conv2d(ours, native, inputs, case["seed"], msg=f"conv2d {case}", grad_scale=max(1.0, scale))
+    # An expanded (broadcast) leaf's gradient is the sum of the gradients of its copies (samples,
+    # or channels of an unbatched input), each already rounded to the dtype by the op: in half
+    # precision its error grows with the number of copies, which is what the harness's grad_scale
+    # is for.
+    copies = prep(x).numel() // max(1, x.numel()) if expand_to is not None else 1
+    scale = float(max(1, copies)) if dtype in (torch.float16, torch.bfloat16) else 1.0
+    compare_conv2d(ours, native, inputs, case["seed"], msg=f"conv2d {case}", grad_scale=scale, prep=prep)
 
 
 @pytest.mark.parametrize("seed", range(12))
