@@ -1,6 +1,6 @@
 """Threads: concurrent calls from many Python threads, torch.set_num_threads, determinism.
 
-What is asserted here is what docs_guarantees.md states:
+What is asserted here is what README.md (Guarantees) states:
 * many Python threads calling both ops at once, on different shapes, get the single-threaded answer;
 * at every intra-op thread count 1..N results match native;
 * for a fixed thread count, outputs and gradients are bitwise identical from run to run;
@@ -193,7 +193,7 @@ def own_gemm_active() -> bool:
 
 
 def test_conv2d_across_thread_counts():
-    """What is true today, as docs_guarantees.md states it:
+    """What is true today, as README.md (Guarantees) states it:
     * the weight gradient may change in the last bits with the thread count: once the batch is
       split among threads (at least as many samples as threads, and enough work), each chunk sums
       its own partial and the partials are added in chunk order. Witness: a float64 batch of 8.
@@ -225,7 +225,7 @@ def test_conv2d_across_thread_counts():
                 assert_bitwise([out, gin, gb], [out1, gin1, gb1], msg + " (output, grad_input, grad_bias)")
     assert not torch.equal(res[2][0][2], res[1][0][2]), (
         "conv2d's weight gradient over a batch of 8 is now bitwise identical at 1 and 2 threads: if "
-        "that holds for all of conv2d, update docs_guarantees.md (determinism across thread counts) "
+        "that holds for all of conv2d, update README.md (Guarantees) (determinism across thread counts) "
         "and this test")
 
 
