@@ -39,7 +39,7 @@ if ! CNNBP_SANITIZE=1 MAX_JOBS="${MAX_JOBS:-2}" python setup.py build_ext --inpl
   exit 2
 fi
 SO="$(ls torch_cnnbp/_C*.so)"
-if ! ldd "$SO" | grep -q libasan; then
+if ! ldd "$SO" | grep libasan >/dev/null; then  # (not grep -q: with pipefail, ldd would die of SIGPIPE)
   echo "SANITIZE: $SO is not linked against libasan: the sanitizer flags did not apply"
   exit 2
 fi
