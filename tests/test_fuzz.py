@@ -425,8 +425,9 @@ def compare_max_pool2d(x, prep, kwargs, msg):
 #   a 0-dim integer tensor as an int argument: native accepts it (via __index__), ours TypeError
 # Deliberate differences, also not drawn: conv2d rejects integer and complex inputs (native
 # computes them); native conv2d of a zero-channel input returns zero output channels, ours K;
-# native conv2d accepts dilation=0 when the input is empty (and rejects it otherwise), ours rejects
-# it always.
+# native conv2d skips its dilation and dtype checks when the input is empty (dilation=0, or input,
+# weight and bias of different dtypes, are accepted then and rejected otherwise); ours rejects them
+# always (checked below).
 
 CONV2D_DEFAULTS = dict(stride=1, padding=0, dilation=1, groups=1)
 MAX_POOL2D_DEFAULTS = dict(kernel_size=1, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
@@ -526,7 +527,13 @@ def test_conv2d_rejects_exactly_what_native_rejects(case):
         assert_same_rejection(lambda: torch_cnnbp.conv2d(x, w, b, **kwargs), native_err, f"conv2d {case}")
         return
     assume(x.dim() < 3 or x.shape[-3] > 0)  # zero channels: native's output has 0 channels (see above)
-    assume(not (x.numel() == 0 and 0 in _pair(kwargs["dilation"])))  # native skips its dilation check
+    dtypes = {x.dtype, w.dtype} | ({b.dtype} if b is not None else set())
+    if x.numel() == 0 and (0 in _pair(kwargs["dilation"]) or len(dtypes) > 1):
+        # native skips its dilation and dtype checks for an empty input; ours makes them always
+        event("conv2d: native skips a check on an empty input, ours rejects")
+        assert_same_rejection(lambda: torch_cnnbp.conv2d(x, w, b, **kwargs),
+                              RuntimeError("rejected by native for a non-empty input"), f"conv2d {case}")
+        return
     inputs = [x, w] + ([b] if b is not None else [])
     compare_conv2d(lambda x, w, b=None: torch_cnnbp.conv2d(x, w, b, **kwargs),
                    lambda x, w, b=None: F.conv2d(x, w, b, **kwargs), inputs, case["seed"], msg=f"conv2d {case}")
