@@ -12,8 +12,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 debug = os.environ.get("CNNBP_DEBUG", "0") == "1"
 
-cxx_flags = ["-std=c++17", "-O0" if debug else "-O3", "-fvisibility=hidden"]
-link_flags = []
+# -fopenmp: at::parallel_for is a header template that runs its body on the calling thread unless
+# the including file is compiled with OpenMP (ATen/ParallelOpenMP.h). The extension then links the
+# libgomp.so.1 that torch has already loaded, so one thread pool serves both.
+cxx_flags = ["-std=c++17", "-O0" if debug else "-O3", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 if debug:
     cxx_flags.append("-g")
 # CNNBP_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh builds and tests it).

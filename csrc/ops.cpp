@@ -3,7 +3,10 @@
 
 #include <Python.h>
 
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "cnnbp.h"
 
@@ -17,6 +20,17 @@ void check_floating_cpu(const at::Tensor& t, const char* op, const char* name) {
               op, ": ", name, " must be float32, float64, float16 or bfloat16, but got ", type);
 }
 
+// Diagnostic: how many distinct intra-op threads ran the body of an at::parallel_for over `items`
+// items with grain 1, as compiled into this extension. The kernels parallelise only if this
+// exceeds 1 when torch.get_num_threads() > 1 (the build must compile them with OpenMP).
+int64_t parallel_threads(int64_t items) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t(1) << (at::get_thread_num() % 64));
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 TORCH_LIBRARY(cnnbp, m) {
   // padding is (top, bottom, left, right).
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
@@ -28,6 +42,7 @@ TORCH_LIBRARY(cnnbp, m) {
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size) -> Tensor");
+  m.def("_parallel_threads(int items) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(cnnbp, CPU, m) {

@@ -99,6 +99,15 @@ def assert_bitwise(got, expected, msg):
         assert torch.equal(a, e), f"{msg}: result {i} not bitwise identical"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernels_really_run_on_that_many_threads(threads):
+    # at::parallel_for is a header template: compiled without OpenMP it silently runs everything
+    # on the calling thread. This counts the threads that ran a parallel_for inside the extension.
+    torch.set_num_threads(threads)
+    assert torch.ops.cnnbp._parallel_threads(64) == threads
+    assert torch.ops.cnnbp._parallel_threads(1) == 1
+
+
 def test_many_python_threads_at_once():
     cases = make_cases()
     expected = [run_case(native, inputs) for _, _, native, inputs in cases]
