@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "cnnbp.h"
@@ -239,12 +240,33 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
 
 }  // namespace
 
+namespace {
+bool own_gemm_selected() {
+  static const bool own = [] {
+#ifdef CNNBP_X86
+    if (active_isa() != Isa::avx512) return false;
+    if (const char* choice = std::getenv("CNNBP_GEMM")) {
+      if (!std::strcmp(choice, "own")) return true;
+      if (!std::strcmp(choice, "blas")) return false;
+    }
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("intel");
+#else
+    return false;
+#endif
+  }();
+  return own;
+}
+}  // namespace
+
+const char* gemm_backend() { return own_gemm_selected() ? "own" : "blas"; }
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
 #ifdef CNNBP_X86
-  if (active_isa() == Isa::avx512) {
+  if (own_gemm_selected()) {
     gemm_blocked(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
     return;
   }

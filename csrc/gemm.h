@@ -1,8 +1,13 @@
 // Row-major matrix products for the convolution: C[M×N] = op(A) · op(B) (+ C).
 //
-// On CPUs with AVX-512 this is the project's own blocked GEMM (packed panels and a register-tiled
-// micro-kernel, gemm.cpp); elsewhere, or with CNNBP_SIMD below avx512, it goes through ATen's BLAS
-// (at::mm_out / at::addmm_out on views of the same buffers).
+// Two backends, chosen once per process (gemm_backend()):
+// - "own": the project's blocked GEMM (packed panels and a register-tiled AVX-512 micro-kernel,
+//   gemm.cpp). The default on AVX-512 CPUs not made by Intel, where MKL (behind ATen's BLAS) takes
+//   a slow generic path: about 100 GFLOP/s per core against ~180 for this kernel on a Zen 5 core.
+// - "blas": ATen's BLAS (at::mm_out / at::addmm_out on views of the same buffers). The default on
+//   Intel CPUs, where MKL's own kernels are faster than ours (about 175 against 100-145 GFLOP/s per
+//   core on a Xeon with AVX-512), and everywhere without AVX-512 or with CNNBP_SIMD below avx512.
+// CNNBP_GEMM=own|blas overrides the default (own needs AVX-512); it is read once, at first use.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +17,9 @@ namespace cnnbp {
 // op(A) is M×K: A[i·lda + k], or A[k·lda + i] when trans_a. op(B) is K×N likewise.
 // accumulate: C += op(A)·op(B), else C = op(A)·op(B). Splits over column blocks of C with
 // at::parallel_for when called outside a parallel region (each thread writes its own columns).
+// "own" or "blas": the backend this process uses.
+const char* gemm_backend();
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, bool accumulate, T* C, int64_t ldc);

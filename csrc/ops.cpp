@@ -9,6 +9,8 @@
 #include <atomic>
 
 #include "cnnbp.h"
+#include "gemm.h"
+#include "simd.h"
 
 namespace cnnbp {
 
@@ -31,6 +33,11 @@ int64_t parallel_threads(int64_t items) {
   return __builtin_popcountll(seen.load());
 }
 
+// Diagnostic: which code paths this process runs, e.g. "isa=avx512 gemm=blas" (csrc/simd.h, gemm.h).
+std::string build_paths() {
+  return std::string("isa=") + isa_name(active_isa()) + " gemm=" + gemm_backend();
+}
+
 TORCH_LIBRARY(cnnbp, m) {
   // padding is (top, bottom, left, right).
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
@@ -43,6 +50,7 @@ TORCH_LIBRARY(cnnbp, m) {
         "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
   m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size) -> Tensor");
   m.def("_parallel_threads(int items) -> int", &parallel_threads);
+  m.def("_paths() -> str", &build_paths);
 }
 
 TORCH_LIBRARY_IMPL(cnnbp, CPU, m) {

@@ -82,12 +82,9 @@ def set_threads(n):
 
 
 def own_gemm_active() -> bool:
-    """conv2d's own AVX-512 GEMM runs here (csrc/simd.h): the CPU has AVX-512 F/BW/VL/DQ and
-    CNNBP_SIMD does not cap it. Otherwise the products go through ATen's BLAS."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    return ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-            and os.environ.get("CNNBP_SIMD") not in ("portable", "avx2"))
+    """conv2d's products run on the project's own AVX-512 GEMM in this process (csrc/gemm.h: the
+    default on AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
+    return "gemm=own" in torch.ops.cnnbp._paths()
 
 
 # ---- a model of conv2d's batch plan (plan_batches, for_each_chunk, unroll in csrc/conv2d.cpp) ----
@@ -730,33 +727,52 @@ ISA_SCRIPT = textwrap.dedent("""
     import torch_cnnbp
     import test_fast_paths as t
     from helpers import no_native_kernels_ran
+    paths = torch.ops.cnnbp._paths()
+    assert paths == {paths!r}, paths
     x, w = torch.randn(1, 4, 6, 10), torch.randn(12, 4, 3, 3)
     blas = no_native_kernels_ran(lambda: torch_cnnbp.conv2d(x, w), forbidden=("mm",))
-    assert blas, "CNNBP_SIMD={isa}: expected the products to go through ATen's BLAS (aten::mm)"
+    if "gemm=blas" in paths:
+        assert blas, "{env}: expected the products to go through ATen's BLAS (aten::mm)"
+    else:
+        assert not blas, "{env}: expected the products to run on the own GEMM, not aten::mm"
     n = t.run_isa_subset()
     assert n > 50, n
-    print({marker!r}, {isa!r}, n)
+    print({marker!r}, {paths!r}, n)
 """)
 
 
+def isa_runs():
+    """(environment, expected torch.ops.cnnbp._paths()) for the fresh processes: the portable and
+    AVX2 paths (products on ATen's BLAS), and on AVX-512 CPUs the GEMM backend this process does not
+    use by default (CNNBP_GEMM), so that both backends run on every such machine."""
+    runs = [({"CNNBP_SIMD": "portable"}, "isa=portable gemm=blas"), ({"CNNBP_SIMD": "avx2"}, "isa=avx2 gemm=blas")]
+    paths = torch.ops.cnnbp._paths()
+    if paths.startswith("isa=avx512") and "CNNBP_SIMD" not in os.environ:
+        other = "blas" if "gemm=own" in paths else "own"
+        runs.append(({"CNNBP_GEMM": other}, f"isa=avx512 gemm={other}"))
+    return runs
+
+
 def test_isa_paths_in_fresh_processes():
-    """CNNBP_SIMD=portable and =avx2 (read once at load, so in fresh processes): the products go
-    through ATen's BLAS (seen in the profiler) and the depthwise / max-pool loops are compiled for
-    the baseline or AVX2; the compact subset matches native there too. The two run side by side."""
+    """CNNBP_SIMD=portable and =avx2, and on AVX-512 CPUs the non-default CNNBP_GEMM backend (all
+    read once at load, so in fresh processes): the products go where _paths() says (ATen's BLAS seen
+    in the profiler, or not), the depthwise / max-pool loops are compiled for the baseline or AVX2,
+    and the compact subset matches native there too. The processes run side by side."""
     tests = os.path.dirname(os.path.abspath(__file__))
     procs = {}
-    for isa in ("portable", "avx2"):
-        code = ISA_SCRIPT.format(tests=tests, isa=isa, marker=ISA_MARKER)
-        env = {**os.environ, "CNNBP_SIMD": isa, "OMP_WAIT_POLICY": "PASSIVE"}
-        procs[isa] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+    for extra, paths in isa_runs():
+        label = " ".join(f"{k}={v}" for k, v in extra.items())
+        code = ISA_SCRIPT.format(tests=tests, paths=paths, env=label, marker=ISA_MARKER)
+        env = {**os.environ, **extra, "OMP_WAIT_POLICY": "PASSIVE"}
+        procs[label] = (paths, subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, text=True))
     try:
-        for isa, proc in procs.items():
+        for label, (paths, proc) in procs.items():
             out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, f"CNNBP_SIMD={isa}: exit {proc.returncode}\n{out}\n{err[-4000:]}"
-            assert f"{ISA_MARKER} {isa}" in out, f"CNNBP_SIMD={isa}: no marker\n{out}\n{err[-4000:]}"
+            assert proc.returncode == 0, f"{label}: exit {proc.returncode}\n{out}\n{err[-4000:]}"
+            assert f"{ISA_MARKER} {paths}" in out, f"{label}: no marker\n{out}\n{err[-4000:]}"
     finally:
-        for proc in procs.values():
+        for _, proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -193,12 +193,9 @@ def test_max_pool2d_is_bitwise_identical_across_thread_counts():
 
 
 def own_gemm_active() -> bool:
-    """conv2d's own AVX-512 GEMM runs (csrc/simd.h, csrc/gemm.h): the CPU has AVX-512 F/BW/VL/DQ and
-    CNNBP_SIMD does not cap it. Otherwise the products go through ATen's BLAS."""
-    with open("/proc/cpuinfo") as f:
-        flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    return ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-            and os.environ.get("CNNBP_SIMD") not in ("portable", "avx2"))
+    """conv2d's products run on the project's own AVX-512 GEMM in this process (csrc/gemm.h: the
+    default on AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
+    return "gemm=own" in torch.ops.cnnbp._paths()
 
 
 def test_conv2d_across_thread_counts():
