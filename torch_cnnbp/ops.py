@@ -20,6 +20,39 @@ from . import _args
 _ops = torch.ops.cnnbp
 
 
+# ---- call overhead ----------------------------------------------------------------------------
+# A small layer (LeNet's, or any layer at batch 1) takes a few microseconds in C++, so the Python
+# around each call matters. Two costs are avoided in eager mode:
+# * torch.autograd.Function.apply binds default arguments with inspect.signature on every call
+#   (~45 µs). None of the forwards here has defaults, so _Function.apply goes straight to the C++
+#   apply when no torch.func transform is active (transforms, and torch.compile, which traces
+#   apply itself, take the stock path).
+# * Calling an op that has autograd registered (below) enters a Python autograd kernel (~5 µs) even
+#   when no gradient is needed. Inside a Function's forward (grad disabled) and in a backward that
+#   builds no graph, _below_autograd calls the op's CPU kernel directly.
+
+
+def _eager() -> bool:
+    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+
+
+class _Function(torch.autograd.Function):
+    @classmethod
+    def apply(cls, *args):
+        if _eager():
+            args = torch._functorch.utils.unwrap_dead_wrappers(args)
+            return super(torch.autograd.Function, cls).apply(*args)
+        return super().apply(*args)
+
+
+def _below_autograd(op, *args):
+    """op(*args) for an op called where no autograd graph is recorded."""
+    if _eager():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 # ---- fake kernels -----------------------------------------------------------------------------
 
 
@@ -72,7 +105,7 @@ def _pool_memory_format(t):
 # ---- conv2d autograd --------------------------------------------------------------------------
 
 
-class Conv2dFunction(torch.autograd.Function):
+class Conv2dFunction(_Function):
     """x = conv2d(o, w, b) with this project's forward and backward ops.
 
     Arguments are those of ``torch.ops.cnnbp.conv2d``: a 4-D input, stride and dilation as pairs,
@@ -83,7 +116,7 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, groups):
-        return _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _below_autograd(_ops.conv2d.default, input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -101,7 +134,7 @@ class Conv2dFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-class Conv2dBackwardFunction(torch.autograd.Function):
+class Conv2dBackwardFunction(_Function):
     """(δ_in, ∂E/∂w, ∂E/∂b) = conv2d_backward(δ, o, w), differentiable in δ, o and w.
 
     Its own backward, for upstream gradients (g_in, g_w, g_b) of the three results, is
@@ -115,7 +148,8 @@ class Conv2dBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
-        return _ops.conv2d_backward(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
+        return _below_autograd(_ops.conv2d_backward.default, grad_output, input, weight, stride, padding, dilation,
+                               groups, output_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -158,14 +192,19 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride, 
     output_mask = [bool(m) for m in output_mask]
     if not any(output_mask):
         return None, None, None
-    grads = Conv2dBackwardFunction.apply(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
+    if torch.is_grad_enabled():  # a backward that records a graph (create_graph=True)
+        grads = Conv2dBackwardFunction.apply(grad_output, input, weight, stride, padding, dilation, groups,
+                                             output_mask)
+    else:
+        grads = _below_autograd(_ops.conv2d_backward.default, grad_output, input, weight, stride, padding,
+                                dilation, groups, output_mask)
     return tuple(g if m else None for g, m in zip(grads, output_mask))
 
 
 # ---- max_pool2d autograd ----------------------------------------------------------------------
 
 
-class MaxPool2dFunction(torch.autograd.Function):
+class MaxPool2dFunction(_Function):
     """(x, indices) = max_pool2d(o) with this project's forward and backward ops.
 
     Arguments are those of ``torch.ops.cnnbp.max_pool2d`` (4-D input, pairs for the rest).
@@ -175,7 +214,7 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return _ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+        return _below_autograd(_ops.max_pool2d.default, input, kernel_size, stride, padding, dilation, ceil_mode)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -199,10 +238,14 @@ class MaxPool2dFunction(torch.autograd.Function):
             drop[rows, :] = True
             drop[:, cols] = True
             grad_output = grad_output.masked_fill(drop, 0)
-        return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape), None, None, None, None, None
+        if torch.is_grad_enabled():  # a backward that records a graph (create_graph=True)
+            grad_input = MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape)
+        else:
+            grad_input = _below_autograd(_ops.max_pool2d_backward.default, grad_output, indices, list(ctx.input_shape))
+        return grad_input, None, None, None, None, None
 
 
-class MaxPool2dBackwardFunction(torch.autograd.Function):
+class MaxPool2dBackwardFunction(_Function):
     """δ_in = scatter-add of δ through the argmax indices. It is linear in δ, and its adjoint is the
     gather of the upstream gradient at the same indices."""
 
@@ -210,7 +253,7 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, indices, input_shape):
-        return _ops.max_pool2d_backward(grad_output, indices, list(input_shape))
+        return _below_autograd(_ops.max_pool2d_backward.default, grad_output, indices, list(input_shape))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
