@@ -345,12 +345,25 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   });
 }
 
+// acc[j] += d[j] · x[j · sw] for j in [lo, hi): one running sum per output column, so the loop
+// vectorises along the row without reassociating a sum. The caller adds acc up once, in column
+// order, after the last row.
+template <typename T>
+CNNBP_ALWAYS_INLINE void accumulate_row(const T* d, const T* x, int64_t lo, int64_t hi, int64_t sw, T* acc) {
+  if (sw == 1) {
+    for (int64_t j = lo; j < hi; ++j) acc[j] += d[j] * x[j];
+  } else {
+    for (int64_t j = lo; j < hi; ++j) acc[j] += d[j] * x[j * sw];
+  }
+}
+
 // Split over output channels k: each thread owns k's weights and sums over the whole batch in a
 // fixed order.
 template <typename T>
 void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
   at::parallel_for(0, s.K, grain_for(s.N * P * s.KH * s.KW), [&](int64_t k0, int64_t k1) {
+    std::vector<T> acc(s.OW);
     run_with_isa([&]() CNNBP_LAMBDA_INLINE {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t c = k / Kg;
@@ -358,23 +371,19 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
           const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
           for (int64_t q = 0; q < s.KW; ++q) {
             const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-            double acc = 0;
+            std::fill(acc.begin(), acc.end(), T(0));
             for (int64_t n = 0; n < s.N; ++n) {
               const T* plane = in + (n * s.C + c) * s.in_plane();
               const T* dk = d + (n * s.K + k) * P;
               for (int64_t i = ri.lo; i < ri.hi; ++i) {
                 const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
                 const T* dr = dk + i * s.OW;
-                T row = 0;
-                if (s.sw == 1) {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) row += dr[j] * src[j];
-                } else {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) row += dr[j] * src[j * s.sw];
-                }
-                acc += row;
+                accumulate_row(dr, src, rj.lo, rj.hi, s.sw, acc.data());
               }
             }
-            gw[(k * s.KH + m) * s.KW + q] = static_cast<T>(acc);
+            double sum = 0;
+            for (int64_t j = rj.lo; j < rj.hi; ++j) sum += acc[j];
+            gw[(k * s.KH + m) * s.KW + q] = static_cast<T>(sum);
           }
         }
       }
