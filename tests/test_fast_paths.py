@@ -387,6 +387,7 @@ def test_depthwise_threaded_every_dtype(dtype, threads):
 POOL_CASES = [
     dict(kernel_size=2, stride=1),
     dict(kernel_size=2, stride=2),
+    dict(kernel_size=2, stride=2, ceil_mode=True),  # even widths: the 2x2 path; odd: a partial last window
     dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),
     dict(kernel_size=3, stride=1, padding=1),
     dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
@@ -457,6 +458,28 @@ def test_max_pool2d_nchw_every_output_width(kw):
         out, _ = run_pool_case(randn(1, 2, 7, W), kw, msg=f"{kw_id(kw)}, W={W}")
         seen.add(out.shape[-1])
     assert set(range(1, 40, 2)) <= seen, sorted(set(range(1, 40, 2)) - seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32])
+def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype):
+    """The 2x2 stride-2 path (max_pool2d_plane_2x2) on values from a small set, so that windows hold
+    ties, NaN, +-inf and all -inf: values and indices as native (first maximum, last NaN), at output
+    widths across its 16-wide blocks, odd input sizes (last row / column unused)."""
+    g = torch.Generator().manual_seed(7)
+    if dtype.is_floating_point:
+        pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    else:
+        pool = torch.tensor([-(2**31), -1, 0, 1, 2**31 - 1], dtype=torch.float64)
+    for H, W in ((2, 2), (5, 9), (4, 33), (7, 64), (3, 67)):
+        x = pool[torch.randint(len(pool), (2, 3, H, W), generator=g)].to(dtype)
+        ours, idx = torch_cnnbp.max_pool2d(x, 2, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+        assert torch.equal(idx, ref_idx), (H, W)
+        if dtype.is_floating_point:
+            assert torch.equal(ours.isnan(), ref.isnan()), (H, W)
+            assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), (H, W)
+        else:
+            assert torch.equal(ours, ref), (H, W)
 
 
 CL_CHANNELS = (1, 3, 16, 17, 64, 65)
