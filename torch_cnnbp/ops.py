@@ -228,9 +228,12 @@ class MaxPool2dFunction(_Function):
         ]
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zeros tensor for the indices' (unused) gradient
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:  # only the indices were used downstream
+            return None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
         rows, cols = ctx.empty
         if rows or cols:
