@@ -125,66 +125,80 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 // ---- im2col / col2im: the unrolling and its adjoint ----------------------------------------------
 
 // col[(c,m,q), p] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl] for output positions p = i·OW + j in
-// [p0, p1), zero where that falls in padding. `in` holds Cg planes of H×W; row r of `col` starts at
-// col + r·ld and holds positions p0 … p1 − 1.
+// [p0, p1), zero where that falls in padding, for the rows r = (c,m,q) in [r0, r1). `in` holds Cg
+// planes of H×W; row r of `col` starts at col + (r − r0)·ld and holds positions p0 … p1 − 1.
+template <typename T>
+void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int64_t p1, int64_t r0,
+                 int64_t r1) {
+  const int64_t KHW = s.KH * s.KW, OW = s.OW;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;
+    const T* plane = in + c * s.in_plane();
+    T* row = col + (r - r0) * ld - p0;  // row[p] for p in [p0, p1)
+    const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+    const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+    for (int64_t i = p0 / OW; i * OW < p1; ++i) {
+      const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
+      T* dst = row + i * OW;
+      if (i < ri.lo || i >= ri.hi) {
+        std::fill(dst + a, dst + b, T(0));
+        continue;
+      }
+      const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+      const int64_t lo = std::min(std::max(a, rj.lo), b), hi = std::max(std::min(b, rj.hi), lo);
+      std::fill(dst + a, dst + lo, T(0));
+      if (s.sw == 1) {
+        std::copy(src + lo, src + hi, dst + lo);
+      } else {
+        for (int64_t j = lo; j < hi; ++j) dst[j] = src[j * s.sw];
+      }
+      std::fill(dst + hi, dst + b, T(0));
+    }
+  }
+}
+
+// All rows, split over threads (each writes its own rows).
 template <typename T>
 void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int64_t p1) {
-  const int64_t KHW = s.KH * s.KW, OW = s.OW;
   at::parallel_for(0, s.col_rows(), grain_for(p1 - p0), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;
-      const T* plane = in + c * s.in_plane();
-      T* row = col + r * ld - p0;  // row[p] for p in [p0, p1)
-      const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
-      const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-      for (int64_t i = p0 / OW; i * OW < p1; ++i) {
-        const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
-        T* dst = row + i * OW;
-        if (i < ri.lo || i >= ri.hi) {
-          std::fill(dst + a, dst + b, T(0));
-          continue;
-        }
-        const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-        const int64_t lo = std::min(std::max(a, rj.lo), b), hi = std::max(std::min(b, rj.hi), lo);
-        std::fill(dst + a, dst + lo, T(0));
-        if (s.sw == 1) {
-          std::copy(src + lo, src + hi, dst + lo);
-        } else {
-          for (int64_t j = lo; j < hi; ++j) dst[j] = src[j * s.sw];
-        }
-        std::fill(dst + hi, dst + b, T(0));
-      }
-    }
+    im2col_rows(in, col + r0 * ld, ld, s, p0, p1, r0, r1);
   });
 }
 
 // The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), p] for every (m,q) and position p in [p0, p1)
-// that read o[c,h,v]. Split over input channels: a channel's rows write only into that channel's
-// plane, so no two threads touch the same element. `grad_in` must be zeroed by the caller.
+// that read o[c,h,v], for the input channels c in [c0, c1) (whose rows start at `col`). A channel's
+// rows write only into that channel's plane. `grad_in` must be zeroed by the caller.
 template <typename T>
-void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1) {
+void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0,
+                     int64_t c1) {
   const int64_t OW = s.OW;
-  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * (p1 - p0)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* plane = grad_in + c * s.in_plane();
-      for (int64_t m = 0; m < s.KH; ++m) {
-        const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
-        for (int64_t q = 0; q < s.KW; ++q) {
-          const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-          const T* row = col + ((c * s.KH + m) * s.KW + q) * ld - p0;
-          for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
-            const int64_t lo = std::max({p0 - i * OW, int64_t(0), rj.lo}), hi = std::min({p1 - i * OW, OW, rj.hi});
-            T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-            const T* src = row + i * OW;
-            if (s.sw == 1) {
-              for (int64_t j = lo; j < hi; ++j) dst[j] += src[j];
-            } else {
-              for (int64_t j = lo; j < hi; ++j) dst[j * s.sw] += src[j];
-            }
+  for (int64_t c = c0; c < c1; ++c) {
+    T* plane = grad_in + c * s.in_plane();
+    for (int64_t m = 0; m < s.KH; ++m) {
+      const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+      for (int64_t q = 0; q < s.KW; ++q) {
+        const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+        const T* row = col + (((c - c0) * s.KH + m) * s.KW + q) * ld - p0;
+        for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
+          const int64_t lo = std::max({p0 - i * OW, int64_t(0), rj.lo}), hi = std::min({p1 - i * OW, OW, rj.hi});
+          T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+          const T* src = row + i * OW;
+          if (s.sw == 1) {
+            for (int64_t j = lo; j < hi; ++j) dst[j] += src[j];
+          } else {
+            for (int64_t j = lo; j < hi; ++j) dst[j * s.sw] += src[j];
           }
         }
       }
     }
+  }
+}
+
+// All channels, split over threads: no two threads touch the same element.
+template <typename T>
+void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1) {
+  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * (p1 - p0)), [&](int64_t c0, int64_t c1) {
+    col2im_channels(col + c0 * s.KH * s.KW * ld, ld, grad_in, s, p0, p1, c0, c1);
   });
 }
 
@@ -233,6 +247,24 @@ void for_each_chunk(int64_t N, int64_t chunks, const Fn& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) fn(t, t * N / chunks, (t + 1) * N / chunks);
   });
+}
+
+// One sample at a time on several threads (the batch was not cut into chunks): rather than one
+// parallel region per im2col, product and col2im, each thread takes a whole share of the sample
+// and runs its unrolling and its (single-threaded) products itself:
+//   forward      a share of the output positions (columns of x = W · col are independent);
+//   backward     a share of the input channels c: the rows (c, m, q) of ∂E/∂W = δ · colᵀ and of
+//                ∂col = Wᵀ · δ belong to c, and col2im of those rows writes only c's plane.
+// Worth it when each thread still gets wide products.
+bool split_sample(const ConvShape& s, const Plan& plan, int64_t threads) {
+  const int64_t work = s.Kg() * s.col_rows() * s.out_plane();  // multiply-adds per sample and group
+  return plan.chunks == 1 && plan.block == 1 && threads > 1 && !at::in_parallel_region() && work >= (int64_t(1) << 20);
+}
+bool split_sample_positions(const ConvShape& s, const Plan& plan, int64_t threads) {
+  return split_sample(s, plan, threads) && s.out_plane() >= 256 * threads;
+}
+bool split_sample_channels(const ConvShape& s, const Plan& plan, int64_t threads) {
+  return split_sample(s, plan, threads) && s.Cg() >= threads;
 }
 
 // Unrolls samples [n, n + b) of group g side by side into `col` (col_rows × b·P). For a pointwise
@@ -441,8 +473,10 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
     }
     const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
     const Plan plan = plan_batches(s);
+    const int64_t threads = at::get_num_threads();
+    const bool split_positions = split_sample_positions(s, plan, threads);
     for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
-      std::vector<T> col(s.col_is_input() && plan.block == 1 ? 0 : rows * plan.block * plan.tile);
+      std::vector<T> col(split_positions || (s.col_is_input() && plan.block == 1) ? 0 : rows * plan.block * plan.tile);
       std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * P : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
@@ -451,13 +485,23 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
           const T* wg = w + g * Kg * rows;
           if (nb == 1) {
             T* o = out + (n * s.K + g * Kg) * P;
-            if (b)
-              for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P, o + (k + 1) * P, b[g * Kg + k]);
-            for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
-              const int64_t p1 = std::min(P, p0 + plan.tile);
+            auto positions = [&](int64_t p0, int64_t p1, T* buf) {
+              if (b)
+                for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P + p0, o + k * P + p1, b[g * Kg + k]);
               int64_t ld;
-              const T* cols = unroll(in, s, n, 1, g, col.data(), ld, p0, p1);
+              const T* cols = unroll(in, s, n, 1, g, buf, ld, p0, p1);
               gemm<T>(false, false, Kg, p1 - p0, rows, wg, rows, cols, ld, b != nullptr, o + p0, P);
+            };
+            if (split_positions) {
+              // tiles of whole 32-column panels, a multiple of the thread count of them
+              const int64_t per_thread = (P + threads * plan.tile - 1) / (threads * plan.tile);
+              const int64_t len = ((P + threads * per_thread - 1) / (threads * per_thread) + 31) / 32 * 32;
+              at::parallel_for(0, (P + len - 1) / len, 1, [&](int64_t t0, int64_t t1) {
+                std::vector<T> buf(s.col_is_input() ? 0 : rows * len);
+                for (int64_t t = t0; t < t1; ++t) positions(t * len, std::min(P, (t + 1) * len), buf.data());
+              });
+            } else {
+              for (int64_t p0 = 0; p0 < P; p0 += plan.tile) positions(p0, std::min(P, p0 + plan.tile), col.data());
             }
           } else {
             int64_t ld;
@@ -515,11 +559,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         return;
       }
       const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
+      const bool split_channels = split_sample_channels(s, plan, at::get_num_threads());
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
         const bool direct = s.col_is_input() && plan.block == 1;  // col is the input itself
         // One column buffer serves both products in turn: the unrolled input for ∂E/∂W, then
         // Wᵀ · δ for δ_in.
-        std::vector<T> col(direct ? 0 : rows * plan.block * plan.tile);
+        std::vector<T> col(direct || split_channels ? 0 : rows * plan.block * plan.tile);
         std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
@@ -528,6 +573,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
             const T* wg = w + g * Kg * rows;
             T* gw_g = want_w ? gw + g * Kg * rows : nullptr;
             T* gin_ng = want_in ? gin + (n * s.C + g * s.Cg()) * s.in_plane() : nullptr;
+            if (nb == 1 && split_channels) {
+              // one sample, each thread the input channels [c0, c1) (rows [r0, r1) of col), in
+              // tiles [p0, p1) of output positions
+              const T* dg = d + (n * s.K + g * Kg) * P;
+              const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
+              const int64_t KHW = s.KH * s.KW;
+              at::parallel_for(0, s.Cg(), 1, [&](int64_t c0, int64_t c1) {
+                const int64_t r0 = c0 * KHW, nr = (c1 - c0) * KHW;
+                std::vector<T> buf(direct ? 0 : nr * plan.tile);
+                for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
+                  const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
+                  if (want_w) {  // rows r0 … of ∂E/∂W += δ · colᵀ
+                    const T* cols = direct ? in_ng + r0 * s.in_plane() + p0 : buf.data();
+                    if (!direct) im2col_rows(in_ng, buf.data(), len, s, p0, p1, r0, r0 + nr);
+                    gemm<T>(false, true, Kg, nr, len, dg + p0, P, cols, direct ? s.in_plane() : len, true, gw_g + r0,
+                            rows);
+                  }
+                  if (want_in) {  // rows r0 … of ∂col = Wᵀ · δ, then col2im into the planes c0 … c1 − 1
+                    if (direct) {
+                      gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, P, false,
+                              gin_ng + r0 * s.in_plane() + p0, s.in_plane());
+                    } else {
+                      gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, P, false, buf.data(), len);
+                      col2im_channels(buf.data(), len, gin_ng, s, p0, p1, c0, c1);
+                    }
+                  }
+                }
+              });
+              continue;
+            }
             if (nb == 1) {
               // one sample, its output positions in tiles [p0, p1)
               const T* dg = d + (n * s.K + g * Kg) * P;

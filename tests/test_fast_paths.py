@@ -113,8 +113,11 @@ def conv_plan(x_shape, w_shape, threads, stride=1, padding=0, dilation=1, groups
         for nb in set(blocks):
             products |= {("forward", Kg, nb * P, rows), ("grad_input", rows, nb * P, Kg),
                          ("grad_weight", Kg, rows, nb * P)}
+    # one sample on several threads (split_sample_positions / split_sample_channels)
+    split = chunks == 1 and block == 1 and threads > 1 and Kg * rows * P >= 1 << 20 and Cg > 1
     return SimpleNamespace(P=P, rows=rows, Kg=Kg, work=work, chunks=chunks, block=block, blocks=blocks,
-                           direct=pointwise and block == 1, depthwise=Cg == 1, products=products)
+                           direct=pointwise and block == 1, depthwise=Cg == 1, products=products,
+                           split_positions=split and P >= 256 * threads, split_channels=split and Cg >= threads)
 
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
@@ -319,6 +322,28 @@ def test_plan_matrix_covers_every_path():
     assert plans[("out10x10_N13_blocks_6_6_1", 2)].blocks == [6, 6, 1]  # chunk [0, 6) and [6, 13)
     two = [c[0] for c, t in PLAN_RUNS if t == 2]
     assert len(two) >= 8 and "out7x7_N13" in two and "pointwise_16x16_N2" in two and "out7x7_N9" not in two
+
+
+# One sample on several threads: each thread a share of the output positions (forward) or of the
+# input channels (backward), with its own unrolling and products. (id, input, weight, bias, kwargs)
+SPLIT_CASES = [
+    ("3x3_pad1_40x37", (1, 16, 40, 37), (32, 16, 3, 3), True, dict(padding=1)),  # tiles not a multiple of 32
+    ("5x5_tiled", (1, 32, 28, 30), (32, 32, 5, 5), False, dict(padding=2)),  # rows·P over the column budget
+    ("pointwise_direct", (1, 64, 30, 33), (48, 64, 1, 1), True, {}),
+    ("groups2_s2", (1, 32, 64, 50), (32, 16, 3, 3), True, dict(groups=2, stride=2, padding=1)),
+    ("dilated_5_channels", (1, 5, 48, 45), (96, 5, 3, 3), False, dict(dilation=2, padding=2)),
+    ("batch2_3threads", (2, 24, 36, 36), (32, 24, 3, 3), True, dict(padding="same")),
+]
+
+
+@pytest.mark.parametrize("threads", (2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c[0])
+def test_one_sample_split_over_threads(case, dtype, threads):
+    name, xs, ws, bias, kw = case
+    plan = conv_plan(xs, ws, threads, **kw)
+    assert plan.split_positions and plan.split_channels or (name == "batch2_3threads" and threads == 2), plan
+    run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
 
 
 def plan_changes_with_two_threads(case):
