@@ -196,6 +196,53 @@ void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int
   });
 }
 
+// Unrolling in "frames", for stride 1 (any dilation) over small images, where the rows above are
+// many short copies (LeNet's 5x5 conv over 6 channels: 150 rows of ten 10-wide pieces per sample).
+// The sample's planes are first copied into zero-padded planes of Hp × Wp (plus one spare zero
+// row); frame position p' = i·Wp + j, j in [0, Wp), then reads padded[c, p' + m·dh·Wp + q·dw], so
+// each row (c, m, q) of the unrolled matrix is ONE contiguous copy of OH·Wp values. Columns with
+// j ≥ OW are not outputs: the product computes them and they are dropped. Worth it when the
+// dropped columns cost the product less than the short copies cost the unrolling (see
+// use_frames).
+struct Frame {
+  int64_t Hp, Wp, P;  // padded plane (Hp + 1 rows are stored), frame positions OH·Wp
+};
+Frame frame_of(const ConvShape& s) {
+  const int64_t Hp = s.H + s.pt + s.pb, Wp = s.W + s.pl + s.pr;
+  return {Hp, Wp, s.OH * Wp};
+}
+bool use_frames(const ConvShape& s) {
+  return s.sh == 1 && s.sw == 1 && s.Kg() * (frame_of(s).Wp - s.OW) < 256;
+}
+
+// Rows of one sample's (group's) frame matrix into col (row r at col + r·ld); `padded` is scratch
+// of Cg·(Hp + 1)·Wp values.
+template <typename T>
+void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded) {
+  const Frame f = frame_of(s);
+  const int64_t plane = (f.Hp + 1) * f.Wp;
+  run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    for (int64_t c = 0; c < s.Cg(); ++c) {
+      T* pc = padded + c * plane;
+      for (int64_t t = 0; t < s.pt * f.Wp; ++t) pc[t] = T(0);
+      for (int64_t h = 0; h < s.H; ++h) {
+        T* dst = pc + (s.pt + h) * f.Wp;
+        const T* src = in + (c * s.H + h) * s.W;
+        for (int64_t v = 0; v < s.pl; ++v) dst[v] = T(0);
+        for (int64_t v = 0; v < s.W; ++v) dst[s.pl + v] = src[v];
+        for (int64_t v = s.pl + s.W; v < f.Wp; ++v) dst[v] = T(0);
+      }
+      for (int64_t t = (s.pt + s.H) * f.Wp; t < plane; ++t) pc[t] = T(0);
+    }
+    for (int64_t r = 0; r < s.col_rows(); ++r) {
+      const int64_t c = r / (s.KH * s.KW), m = (r / s.KW) % s.KH, q = r % s.KW;
+      const T* src = padded + c * plane + m * s.dh * f.Wp + q * s.dw;
+      T* dst = col + r * ld;
+      for (int64_t p = 0; p < f.P; ++p) dst[p] = src[p];
+    }
+  });
+}
+
 // The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), p] for every (m,q) and position p in [p0, p1)
 // that read o[c,h,v], for the input channels c in [c0, c1) (whose rows start at `col`). A channel's
 // rows write only into that channel's plane. `grad_in` must be zeroed by the caller.
@@ -506,9 +553,13 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
     const Plan plan = plan_batches(s);
     const int64_t threads = at::get_num_threads();
     const bool split_positions = split_sample_positions(s, plan, threads);
+    const bool frames = plan.block > 1 && use_frames(s);
+    const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
     for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
-      std::vector<T> col(split_positions || (s.col_is_input() && plan.block == 1) ? 0 : rows * plan.block * plan.tile);
-      std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * P : 0);
+      std::vector<T> col(split_positions || (s.col_is_input() && plan.block == 1) ? 0
+                         : rows * plan.block * (plan.block > 1 ? width : plan.tile));
+      std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * width : 0);
+      std::vector<T> padded(frames ? s.Cg() * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
@@ -534,6 +585,22 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
             } else {
               for (int64_t p0 = 0; p0 < P; p0 += plan.tile) positions(p0, std::min(P, p0 + plan.tile), col.data());
             }
+          } else if (frames) {
+            // samples side by side in frames (im2col_frame); output columns j < OW kept
+            const Frame f = frame_of(s);
+            const int64_t ld = nb * f.P;
+            for (int64_t j = 0; j < nb; ++j)
+              im2col_frame(in + ((n + j) * s.C + g * s.Cg()) * s.in_plane(), col.data() + j * f.P, ld, s,
+                           padded.data());
+            gemm<T>(false, false, Kg, ld, rows, wg, rows, col.data(), ld, false, tmp.data(), ld);
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t k = 0; k < Kg; ++k) {
+                const T* src = tmp.data() + k * ld + j * f.P;
+                T* dst = out + ((n + j) * s.K + g * Kg + k) * P;
+                const T bk = b ? b[g * Kg + k] : T(0);
+                for (int64_t i = 0; i < s.OH; ++i)
+                  for (int64_t v = 0; v < s.OW; ++v) dst[i * s.OW + v] = src[i * f.Wp + v] + bk;
+              }
           } else {
             int64_t ld;
             const T* cols = unroll(in, s, n, nb, g, col.data(), ld);

@@ -346,6 +346,50 @@ def test_one_sample_split_over_threads(case, dtype, threads):
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
 
 
+# Stride-1 convs over small images unroll in frames (im2col_frame in csrc/conv2d.cpp: padded planes,
+# one copy per unrolled row, columns past OW computed and dropped) when the batch is blocked and
+# Kg · (padded width − OW) < 256. (id, input, weight, bias, kwargs)
+FRAME_CASES = [
+    ("lenet_c3", (9, 6, 14, 14), (16, 6, 5, 5), True, {}),
+    ("pad1", (7, 8, 9, 11), (24, 8, 3, 3), False, dict(padding=1)),
+    ("same_even_kernel", (6, 5, 8, 13), (12, 5, 4, 2), True, dict(padding="same")),
+    ("dilated_asym_pad", (5, 4, 10, 9), (8, 4, 3, 2), False, dict(dilation=(2, 3), padding=(2, 1))),
+    ("groups3", (8, 6, 7, 12), (9, 2, 3, 3), True, dict(groups=3, padding=(0, 1))),
+    ("one_column_out", (12, 3, 6, 5), (10, 3, 2, 5), False, {}),
+]
+
+
+def uses_frames(xs, ws, kw):
+    """The model of use_frames: a blocked batch, stride 1, Kg · (padded width − OW) < 256."""
+    plan = conv_plan(xs, ws, 1, **kw)
+    N, C, H, W = xs
+    K, _, _, KW = ws
+    pad = kw.get("padding", 0)
+    d = kw.get("dilation", 1)
+    dw = d[1] if isinstance(d, tuple) else d
+    if pad == "same":
+        pl_pr = dw * (KW - 1)
+    else:
+        pl_pr = 2 * (pad[1] if isinstance(pad, tuple) else pad)
+    OW = W + pl_pr - dw * (KW - 1)
+    return plan.block > 1 and kw.get("stride", 1) == 1 and K // kw.get("groups", 1) * (W + pl_pr - OW) < 256
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FRAME_CASES, ids=lambda c: c[0])
+def test_frame_unrolling_matches_native(case, dtype):
+    name, xs, ws, bias, kw = case
+    assert uses_frames(xs, ws, kw), name
+    run_conv_case(xs, ws, bias, kw, dtype, 1, msg=name)
+    if dtype == torch.float64:  # non-finite inputs in the dropped columns stay there
+        x = randn(*xs, dtype=dtype)
+        x[..., -1] = math.inf
+        x[0, 0, 0, 0] = math.nan
+        w, b = randn(*ws, dtype=dtype), randn(ws[0], dtype=dtype) if bias else None
+        ours, native = conv2d_pair(**kw)
+        torch.testing.assert_close(ours(x, w, b), native(x, w, b), equal_nan=True)
+
+
 def plan_changes_with_two_threads(case):
     _, xs, ws, _, kw = case
     one, two = conv_plan(xs, ws, 1, **kw), conv_plan(xs, ws, 2, **kw)
