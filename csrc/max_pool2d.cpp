@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
             max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s,
                                 best.data(), best_at.data());
           }
-        }, Isa::avx2);  // the compare-and-blend loops measure faster at 256 bits than at 512
+        }, blend_isa());
       });
     } else if (in_plane < (int64_t(1) << 31) && is_plain_2x2_stride_2(s)) {
       at::parallel_for(0, s.planes, grain_for(out_plane * 4), [&](int64_t p0, int64_t p1) {
@@ -361,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
           for (int64_t p = p0; p < p1; ++p)
             max_pool2d_plane_rows(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s, phases.data(),
                                   phase_len, best.data(), best_at.data());
-        }, Isa::avx2);
+        }, blend_isa());
       });
     } else {
       at::parallel_for(0, s.planes, 1, [&](int64_t p0, int64_t p1) {
