@@ -77,6 +77,9 @@ def _worker(rank: int, world_size: int, init_method: str, steps: int, dtype, res
         train(model, make_batches(steps, dtype), rank, world_size)
         if rank == 0:
             torch.save(model.module.state_dict(), result_path)
+        # Leave together: a process that tears its connections down while its peer is still
+        # finishing can make gloo abort the peer (seen as a rare SIGABRT of rank 1).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
