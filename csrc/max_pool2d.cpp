@@ -250,6 +250,28 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2(const T* in, T* out, int64_t* idx,
   }
 }
 
+// channels_last, 2×2 stride 2 inside the image: the four taps of an output pixel are four runs of
+// C values; each channel takes them in scan order (see max_pool2d_plane_2x2).
+template <typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_pixel_2x2_cl(const T* in_n, T* out_px, int64_t* idx_px, int64_t i, int64_t j,
+                                                 int64_t C, const PoolShape& s) {
+  using acc_t = at::opmath_type<T>;
+  const T* t0 = in_n + (2 * i * s.W + 2 * j) * C;
+  const T* t1 = t0 + C;
+  const T* t2 = t0 + s.W * C;
+  const T* t3 = t2 + C;
+  const int32_t at = static_cast<int32_t>(2 * i * s.W + 2 * j), W = static_cast<int32_t>(s.W);
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t b = static_cast<acc_t>(t0[c]);
+    int32_t a = at;
+    offer(static_cast<acc_t>(t1[c]), at + 1, b, a);
+    offer(static_cast<acc_t>(t2[c]), at + W, b, a);
+    offer(static_cast<acc_t>(t3[c]), at + W + 1, b, a);
+    out_px[c] = static_cast<T>(b);
+    idx_px[c] = a;
+  }
+}
+
 // The same for planes too large for int32 indices: one window at a time, int64 throughout.
 template <typename T>
 void max_pool2d_plane_windows(const T* in, T* out, int64_t* idx, const PoolShape& s) {
@@ -328,18 +350,22 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
     if (cl) {
-      // Split over output pixels (n, i, j): each writes its own C outputs.
       // Split over output pixels (n, i, j): each writes its own C outputs. Indices are built as
       // int32, so planes must stay under 2^31 elements here.
       TORCH_CHECK(in_plane < (int64_t(1) << 31), "max_pool2d: channels_last planes of 2^31 elements or more are not supported");
+      const bool plain_2x2 = is_plain_2x2_stride_2(s);
       at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
-        std::vector<acc_t> best(C);
-        std::vector<int32_t> best_at(C);
+        std::vector<acc_t> best(plain_2x2 ? 0 : C);
+        std::vector<int32_t> best_at(plain_2x2 ? 0 : C);
         run_with_isa([&]() CNNBP_LAMBDA_INLINE {
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t n = p / out_plane, ij = p % out_plane;
-            max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s,
-                                best.data(), best_at.data());
+            if (plain_2x2) {
+              max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s);
+            } else {
+              max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s,
+                                  best.data(), best_at.data());
+            }
           }
         }, blend_isa());
       });
@@ -416,7 +442,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
           scalar_t* g = gin + n * in_plane * C;
-          for (int64_t hw = 0; hw < in_plane; ++hw) std::fill(g + hw * C + c0, g + hw * C + c1, scalar_t(0));
+          if (c1 - c0 == C) {
+            std::fill(g, g + in_plane * C, scalar_t(0));
+          } else {
+            for (int64_t hw = 0; hw < in_plane; ++hw) std::fill(g + hw * C + c0, g + hw * C + c1, scalar_t(0));
+          }
           for (int64_t ij = 0; ij < out_plane; ++ij) {
             const int64_t off = (n * out_plane + ij) * C;
             for (int64_t c = c0; c < c1; ++c) {

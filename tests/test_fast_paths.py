@@ -529,11 +529,13 @@ def test_max_pool2d_nchw_every_output_width(kw):
     assert set(range(1, 40, 2)) <= seen, sorted(set(range(1, 40, 2)) - seen)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32])
-def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype):
-    """The 2x2 stride-2 path (max_pool2d_plane_2x2) on values from a small set, so that windows hold
-    ties, NaN, +-inf and all -inf: values and indices as native (first maximum, last NaN), at output
-    widths across its 16-wide blocks, odd input sizes (last row / column unused)."""
+def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype, channels_last):
+    """The 2x2 stride-2 paths (max_pool2d_plane_2x2, max_pool2d_pixel_2x2_cl) on values from a small
+    set, so that windows hold ties, NaN, +-inf and all -inf: values and indices as native (first
+    maximum, last NaN), at output widths across the 16-wide blocks, odd input sizes (last row /
+    column unused). Native's channels_last int32 pool is compared on a contiguous copy."""
     g = torch.Generator().manual_seed(7)
     if dtype.is_floating_point:
         pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
@@ -541,8 +543,10 @@ def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype):
         pool = torch.tensor([-(2**31), -1, 0, 1, 2**31 - 1], dtype=torch.float64)
     for H, W in ((2, 2), (5, 9), (4, 33), (7, 64), (3, 67)):
         x = pool[torch.randint(len(pool), (2, 3, H, W), generator=g)].to(dtype)
-        ours, idx = torch_cnnbp.max_pool2d(x, 2, return_indices=True)
         ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ours, idx = torch_cnnbp.max_pool2d(x, 2, return_indices=True)
         assert torch.equal(idx, ref_idx), (H, W)
         if dtype.is_floating_point:
             assert torch.equal(ours.isnan(), ref.isnan()), (H, W)
