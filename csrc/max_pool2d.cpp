@@ -178,11 +178,18 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
     window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
     // Start from the first in-image tap with the lowest value, as PyTorch does: an all −inf
     // window reports its first tap.
-    for (int64_t j = 0; j < s.OW; ++j) {
+    // Windows that start inside the image (j·sw ≥ pw) start at j·sw − pw: a loop that vectorises.
+    const int64_t j_in = std::min(s.OW, (s.pw + s.sw - 1) / s.sw);
+    for (int64_t j = 0; j < j_in; ++j) {
       int64_t v0, v1;
       window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
       best[j] = low;
       best_at[j] = static_cast<int32_t>(h0 * s.W + v0);
+    }
+    const int32_t row0 = static_cast<int32_t>(h0 * s.W - s.pw), sw32 = static_cast<int32_t>(s.sw);
+    for (int64_t j = j_in; j < s.OW; ++j) {
+      best[j] = low;
+      best_at[j] = row0 + static_cast<int32_t>(j) * sw32;
     }
     for (int64_t h = h0; h < h1; h += s.dh) {
       const T* row = in + h * s.W;
@@ -195,10 +202,10 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
           for (int64_t q = 0; q < s.kw; ++q) offer_row_taps<1>(phases, phase_len, row_at, s, best, best_at, q);
       }
     }
-    for (int64_t j = 0; j < s.OW; ++j) {
-      out[i * s.OW + j] = static_cast<T>(best[j]);
-      idx[i * s.OW + j] = best_at[j];
-    }
+    T* __restrict__ out_row = out + i * s.OW;
+    int64_t* __restrict__ idx_row = idx + i * s.OW;
+    for (int64_t j = 0; j < s.OW; ++j) out_row[j] = static_cast<T>(best[j]);
+    for (int64_t j = 0; j < s.OW; ++j) idx_row[j] = best_at[j];
   }
 }
 
