@@ -28,8 +28,9 @@ _ops = torch.ops.cnnbp
 #   apply when no torch.func transform is active (transforms, and torch.compile, which traces
 #   apply itself, take the stock path).
 # * Calling an op that has autograd registered (below) enters a Python autograd kernel (~5 µs) even
-#   when no gradient is needed. Inside a Function's forward (grad disabled) and in a backward that
-#   builds no graph, _below_autograd calls the op's CPU kernel directly.
+#   when no gradient is needed. The forwards call the ops through _below_autograd, and where no
+#   graph is recorded (grad disabled: torch.no_grad, or a backward without create_graph)
+#   _Function.apply calls the forward directly, with no autograd node.
 
 
 def _eager() -> bool:
@@ -41,6 +42,8 @@ class _Function(torch.autograd.Function):
     def apply(cls, *args):
         if _eager():
             args = torch._functorch.utils.unwrap_dead_wrappers(args)
+            if not torch.is_grad_enabled():
+                return cls.forward(*args)
             return super(torch.autograd.Function, cls).apply(*args)
         return super().apply(*args)
 
@@ -192,12 +195,7 @@ def conv2d_backward(grad_output: Tensor, input: Tensor, weight: Tensor, stride, 
     output_mask = [bool(m) for m in output_mask]
     if not any(output_mask):
         return None, None, None
-    if torch.is_grad_enabled():  # a backward that records a graph (create_graph=True)
-        grads = Conv2dBackwardFunction.apply(grad_output, input, weight, stride, padding, dilation, groups,
-                                             output_mask)
-    else:
-        grads = _below_autograd(_ops.conv2d_backward.default, grad_output, input, weight, stride, padding,
-                                dilation, groups, output_mask)
+    grads = Conv2dBackwardFunction.apply(grad_output, input, weight, stride, padding, dilation, groups, output_mask)
     return tuple(g if m else None for g, m in zip(grads, output_mask))
 
 
@@ -241,11 +239,7 @@ class MaxPool2dFunction(_Function):
             drop[rows, :] = True
             drop[:, cols] = True
             grad_output = grad_output.masked_fill(drop, 0)
-        if torch.is_grad_enabled():  # a backward that records a graph (create_graph=True)
-            grad_input = MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape)
-        else:
-            grad_input = _below_autograd(_ops.max_pool2d_backward.default, grad_output, indices, list(ctx.input_shape))
-        return grad_input, None, None, None, None, None
+        return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape), None, None, None, None, None
 
 
 class MaxPool2dBackwardFunction(_Function):
