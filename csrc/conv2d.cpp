@@ -585,32 +585,27 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
             } else {
               for (int64_t p0 = 0; p0 < P; p0 += plan.tile) positions(p0, std::min(P, p0 + plan.tile), col.data());
             }
-          } else if (frames) {
-            // samples side by side in frames (im2col_frame); output columns j < OW kept
-            const Frame f = frame_of(s);
-            const int64_t ld = nb * f.P;
-            for (int64_t j = 0; j < nb; ++j)
-              im2col_frame(in + ((n + j) * s.C + g * s.Cg()) * s.in_plane(), col.data() + j * f.P, ld, s,
-                           padded.data());
-            gemm<T>(false, false, Kg, ld, rows, wg, rows, col.data(), ld, false, tmp.data(), ld);
+          } else {
+            // samples side by side, in frames (im2col_frame: output rows Wp apart, columns j < OW
+            // kept) or unrolled as they are (rows OW apart)
+            const int64_t ld = nb * width, row_step = frames ? frame_of(s).Wp : s.OW;
+            const T* cols = col.data();
+            int64_t ld_cols = ld;
+            if (frames) {
+              for (int64_t j = 0; j < nb; ++j)
+                im2col_frame(in + ((n + j) * s.C + g * s.Cg()) * s.in_plane(), col.data() + j * width, ld, s,
+                             padded.data());
+            } else {
+              cols = unroll(in, s, n, nb, g, col.data(), ld_cols);
+            }
+            gemm<T>(false, false, Kg, ld, rows, wg, rows, cols, ld_cols, false, tmp.data(), ld);
             for (int64_t j = 0; j < nb; ++j)
               for (int64_t k = 0; k < Kg; ++k) {
-                const T* src = tmp.data() + k * ld + j * f.P;
+                const T* src = tmp.data() + k * ld + j * width;
                 T* dst = out + ((n + j) * s.K + g * Kg + k) * P;
                 const T bk = b ? b[g * Kg + k] : T(0);
                 for (int64_t i = 0; i < s.OH; ++i)
-                  for (int64_t v = 0; v < s.OW; ++v) dst[i * s.OW + v] = src[i * f.Wp + v] + bk;
-              }
-          } else {
-            int64_t ld;
-            const T* cols = unroll(in, s, n, nb, g, col.data(), ld);
-            gemm<T>(false, false, Kg, nb * P, rows, wg, rows, cols, ld, false, tmp.data(), nb * P);
-            for (int64_t j = 0; j < nb; ++j)
-              for (int64_t k = 0; k < Kg; ++k) {
-                const T* src = tmp.data() + k * nb * P + j * P;
-                T* dst = out + ((n + j) * s.K + g * Kg + k) * P;
-                const T bk = b ? b[g * Kg + k] : T(0);
-                for (int64_t p = 0; p < P; ++p) dst[p] = src[p] + bk;
+                  for (int64_t v = 0; v < s.OW; ++v) dst[i * s.OW + v] = src[i * row_step + v] + bk;
               }
           }
         }
