@@ -148,23 +148,6 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
     T* row = col + (r - r0) * ld - p0;  // row[p] for p in [p0, p1)
     const Range ri = ranges_i[m];
     const Range rj = ranges_j[q];
-    if (p0 == 0 && p1 == s.out_plane() && s.sw == 1) {
-      // whole output rows (the common case): row-invariant bounds hoisted out of the loop
-      const T* base = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-      const int64_t step = s.sh * s.W;
-      for (int64_t i = 0; i < s.OH; ++i) {
-        T* dst = row + i * OW;
-        if (i < ri.lo || i >= ri.hi) {
-          for (int64_t j = 0; j < OW; ++j) dst[j] = T(0);
-          continue;
-        }
-        const T* src = base + i * step;
-        for (int64_t j = 0; j < rj.lo; ++j) dst[j] = T(0);
-        for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] = src[j];
-        for (int64_t j = rj.hi; j < OW; ++j) dst[j] = T(0);
-      }
-      continue;
-    }
     for (int64_t i = p0 / OW; i * OW < p1; ++i) {
       const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
       T* dst = row + i * OW;
