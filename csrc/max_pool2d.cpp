@@ -219,6 +219,16 @@ inline bool is_plain_2x2_stride_2(const PoolShape& s) {
          2 * s.OH <= s.H && 2 * s.OW <= s.W;
 }
 
+// The four taps of a 2×2 window, in scan order; `at` is the flat index of the top-left one.
+template <typename A>
+CNNBP_ALWAYS_INLINE void max_of_2x2(A t0, A t1, A t2, A t3, int32_t at, int32_t W, A& best, int32_t& best_at) {
+  best = t0;
+  best_at = at;
+  offer(t1, at + 1, best, best_at);
+  offer(t2, at + W, best, best_at);
+  offer(t3, at + W + 1, best, best_at);
+}
+
 template <typename T>
 CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2(const T* in, T* out, int64_t* idx, const PoolShape& s) {
   using acc_t = at::opmath_type<T>;
@@ -239,16 +249,8 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2(const T* in, T* out, int64_t* idx,
         t2[l] = static_cast<acc_t>(r1[v]);
         t3[l] = static_cast<acc_t>(r1[v + 1]);
       }
-      for (int l = 0; l < B; ++l) {
-        const int32_t at = at_row + static_cast<int32_t>(2 * (j0 + l));
-        acc_t b = t0[l];
-        int32_t a = at;
-        offer(t1[l], at + 1, b, a);
-        offer(t2[l], at + W, b, a);
-        offer(t3[l], at + W + 1, b, a);
-        best[l] = b;
-        best_at[l] = a;
-      }
+      for (int l = 0; l < B; ++l)
+        max_of_2x2(t0[l], t1[l], t2[l], t3[l], at_row + static_cast<int32_t>(2 * (j0 + l)), W, best[l], best_at[l]);
       for (int l = 0; l < n; ++l) {
         out[i * s.OW + j0 + l] = static_cast<T>(best[l]);
         idx[i * s.OW + j0 + l] = best_at[l];
@@ -269,11 +271,10 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_2x2_cl(const T* in_n, T* out_px, int64
   const T* t3 = t2 + C;
   const int32_t at = static_cast<int32_t>(2 * i * s.W + 2 * j), W = static_cast<int32_t>(s.W);
   for (int64_t c = 0; c < C; ++c) {
-    acc_t b = static_cast<acc_t>(t0[c]);
-    int32_t a = at;
-    offer(static_cast<acc_t>(t1[c]), at + 1, b, a);
-    offer(static_cast<acc_t>(t2[c]), at + W, b, a);
-    offer(static_cast<acc_t>(t3[c]), at + W + 1, b, a);
+    acc_t b;
+    int32_t a;
+    max_of_2x2(static_cast<acc_t>(t0[c]), static_cast<acc_t>(t1[c]), static_cast<acc_t>(t2[c]),
+               static_cast<acc_t>(t3[c]), at, W, b, a);
     out_px[c] = static_cast<T>(b);
     idx_px[c] = a;
   }
