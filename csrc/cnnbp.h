@@ -23,6 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask);
+// Diagnostic (tests): the batch plan conv2d makes for these sizes, see csrc/conv2d.cpp.
+std::vector<int64_t> conv2d_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool backward);
 
 // ---- max_pool2d.cpp ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,

@@ -171,11 +171,12 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
   });
 }
 
-// All rows, split over threads (each writes its own rows).
+// Rows [r0, r1), split over threads when called outside a parallel region (each writes its own
+// rows); row r0 at `col`.
 template <typename T>
-void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int64_t p1) {
-  at::parallel_for(0, s.col_rows(), grain_for(p1 - p0), [&](int64_t r0, int64_t r1) {
-    im2col_rows(in, col + r0 * ld, ld, s, p0, p1, r0, r1);
+void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int64_t p1, int64_t r0, int64_t r1) {
+  at::parallel_for(r0, r1, grain_for(p1 - p0), [&](int64_t a, int64_t b) {
+    im2col_rows(in, col + (a - r0) * ld, ld, s, p0, p1, a, b);
   });
 }
 
@@ -198,15 +199,15 @@ bool use_frames(const ConvShape& s) {
   return s.sh == 1 && s.sw == 1 && s.Kg() * (frame_of(s).Wp - s.OW) < 256;
 }
 
-// Rows of one sample's (group's) frame matrix into col (row r at col + r·ld); `padded` is scratch
-// of Cg·(Hp + 1)·Wp values.
+// The rows of input channels [c0, c1) of one sample's (group's) frame matrix into col (the rows of
+// c0 first, row r at col + r·ld); `padded` is scratch of (c1 − c0)·(Hp + 1)·Wp values.
 template <typename T>
-void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded) {
+void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded, int64_t c0, int64_t c1) {
   const Frame f = frame_of(s);
   const int64_t plane = (f.Hp + 1) * f.Wp;
   run_with_isa([&]() CNNBP_LAMBDA_INLINE {
-    for (int64_t c = 0; c < s.Cg(); ++c) {
-      T* pc = padded + c * plane;
+    for (int64_t c = c0; c < c1; ++c) {
+      T* pc = padded + (c - c0) * plane;
       for (int64_t t = 0; t < s.pt * f.Wp; ++t) pc[t] = T(0);
       for (int64_t h = 0; h < s.H; ++h) {
         T* dst = pc + (s.pt + h) * f.Wp;
@@ -217,8 +218,8 @@ void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded
       }
       for (int64_t t = (s.pt + s.H) * f.Wp; t < plane; ++t) pc[t] = T(0);
     }
-    for (int64_t r = 0; r < s.col_rows(); ++r) {
-      const int64_t c = r / (s.KH * s.KW), m = (r / s.KW) % s.KH, q = r % s.KW;
+    for (int64_t r = 0; r < (c1 - c0) * s.KH * s.KW; ++r) {
+      const int64_t c = r / (s.KH * s.KW), m = (r / s.KW) % s.KH, q = r % s.KW;  // c counted from c0
       const T* src = padded + c * plane + m * s.dh * f.Wp + q * s.dw;
       T* dst = col + r * ld;
       for (int64_t p = 0; p < f.P; ++p) dst[p] = src[p];
@@ -233,12 +234,16 @@ template <typename T>
 void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0,
                      int64_t c1) {
   const int64_t OW = s.OW;
+  c10::SmallVector<Range, 16> ranges_i(s.KH), ranges_j(s.KW);  // computed once, as in im2col_rows
+  for (int64_t m = 0; m < s.KH; ++m) ranges_i[m] = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+  for (int64_t q = 0; q < s.KW; ++q) ranges_j[q] = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+  run_with_isa([&]() CNNBP_LAMBDA_INLINE {
   for (int64_t c = c0; c < c1; ++c) {
     T* plane = grad_in + c * s.in_plane();
     for (int64_t m = 0; m < s.KH; ++m) {
-      const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+      const Range ri = ranges_i[m];
       for (int64_t q = 0; q < s.KW; ++q) {
-        const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+        const Range rj = ranges_j[q];
         const T* row = col + (((c - c0) * s.KH + m) * s.KW + q) * ld - p0;
         for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
           const int64_t lo = std::max({p0 - i * OW, int64_t(0), rj.lo}), hi = std::min({p1 - i * OW, OW, rj.hi});
@@ -253,49 +258,110 @@ void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, i
       }
     }
   }
+  });
 }
 
-// All channels, split over threads: no two threads touch the same element.
+// Channels [c0, c1) (whose rows start at `col`), split over threads when called outside a
+// parallel region: no two threads touch the same element.
 template <typename T>
-void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1) {
-  at::parallel_for(0, s.Cg(), grain_for(s.KH * s.KW * (p1 - p0)), [&](int64_t c0, int64_t c1) {
-    col2im_channels(col + c0 * s.KH * s.KW * ld, ld, grad_in, s, p0, p1, c0, c1);
+void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0, int64_t c1) {
+  const int64_t KHW = s.KH * s.KW;
+  at::parallel_for(c0, c1, grain_for(KHW * (p1 - p0)), [&](int64_t a, int64_t b) {
+    col2im_channels(col + (a - c0) * KHW * ld, ld, grad_in, s, p0, p1, a, b);
   });
 }
 
 // ---- the batch loop ---------------------------------------------------------------------------
 
-// The batch is cut into chunks, one per thread when there are at least as many samples as threads
-// (each thread then owns its buffers and calls single-threaded BLAS), else one chunk (and the
-// parallelism is inside im2col/col2im and BLAS). Chunk t always covers the same samples for a
-// given thread count, so per-chunk partial sums reduced in chunk order are deterministic.
+// How a call is cut into products. The unrolled input of one sample can be large (128 channels at
+// 28×28: 1152 rows × 784 columns), so it is never built whole; a column buffer holds the rows of
+// `cblock` input channels (cblock·KH·KW rows) for one slab of output positions:
+//   * a slab is `block` samples side by side (small images: each product then has at least ~512
+//     columns), or, one sample at a time, a tile of `tile` of its output positions;
+//   * the rows come in channel blocks, because every product splits along them:
+//       x = Σ_blocks W[:, rows] · col[rows, :]           (accumulated block after block)
+//       ∂E/∂W[:, rows] = δ · col[rows, :]ᵀ,   ∂col[rows, :] = W[:, rows]ᵀ · δ
+//     and the col2im of a block's ∂col rows writes only that block's channels.
+// Cutting rows rather than positions keeps the products wide: ∂E/∂W's inner dimension is the
+// positions, and a product over a few dozen of them runs far below the BLAS's peak. The buffer
+// stays at kColumnBudget elements per thread, small next to the layer's own tensors, so peak memory
+// is close to that of a convolution without any unrolling.
 //
-// Inside a chunk, samples go in blocks of `block` so that each matrix product has at least ~512
-// columns: small images (7×7, 14×14) would otherwise make thin, slow products. The unrolled inputs
-// of a block sit side by side in one buffer of col_rows × block·OH·OW — per thread, never the
-// whole batch.
+// Threads, decided per call:
+//   chunks > 1  the batch is cut into one chunk of samples per thread. Each thread owns its
+//               buffers and, in the backward, its own partial ∂E/∂W; the partials are added in
+//               chunk order. Chunk t covers the same samples for a given thread count, so the
+//               result is deterministic. Used when there are at least as many samples as threads,
+//               and in the backward only when a partial ∂E/∂W per thread is small next to the data.
+//   chunks == 1 slab after slab, shared among the threads: the forward gives each thread a share
+//               of a sample's positions (columns of x = W · col are independent), the backward a
+//               share of the channel blocks (rows of ∂E/∂W and of ∂col, and the planes their col2im
+//               writes). Small calls run on one thread, with only the products multi-threaded.
 struct Plan {
-  int64_t chunks, block, tile;  // tile: output positions per product when block == 1
+  int64_t chunks, block, tile, cblock;
+  bool shared;  // chunks == 1 and the slabs are shared among threads
 };
 
-// A column buffer holds at most this many elements per thread (2 MiB in float32).
-constexpr int64_t kColumnBudget = int64_t(1) << 19;
+// A column buffer holds at most this many elements per thread: 2^16 (256 KiB in float32), more
+// for layers with much data (up to 2^18 where an eighth of the inputs and outputs is that large),
+// so that the buffers stay small next to the tensors the call has anyway.
+int64_t column_budget(const ConvShape& s) {
+  const int64_t data = s.N * (s.C * s.in_plane() + s.K * s.out_plane());
+  return std::clamp<int64_t>(data / 8, int64_t(1) << 16, int64_t(1) << 18);
+}
 
-Plan plan_batches(const ConvShape& s) {
+int64_t blocks_of(int64_t channels, int64_t per_block) {
+  return (channels + per_block - 1) / per_block;
+}
+
+Plan plan_batches(const ConvShape& s, bool backward) {
   const int64_t threads = at::get_num_threads();
-  const int64_t work = s.N * s.K * s.out_plane() * s.col_rows();  // multiply-adds
+  const int64_t P = std::max<int64_t>(1, s.out_plane()), KHW = s.KH * s.KW;
+  const int64_t Cg = std::max<int64_t>(1, s.Cg()), rows = Cg * KHW;
+  const int64_t work = s.N * s.K * P * rows;  // multiply-adds
+  const int64_t budget = column_budget(s);
+  bool chunk = threads > 1 && s.N >= threads && work >= (int64_t(1) << 20);
+  // A partial ∂E/∂W per thread beyond the first is as large as the weight. Where that is more than
+  // an eighth of the data (256→256 3×3 at 14×14 and batch 8: 590K weights, 803K inputs and outputs),
+  // the threads share channel blocks instead.
+  if (backward && chunk && s.Cg() >= threads &&
+      (threads - 1) * s.K * rows * 8 > s.N * (s.C * s.in_plane() + s.K * P))
+    chunk = false;
   Plan p;
-  p.chunks = (threads > 1 && s.N >= threads && work >= (int64_t(1) << 20)) ? threads : 1;
-  const int64_t per_chunk = (s.N + p.chunks - 1) / p.chunks;
-  p.block = std::max<int64_t>(1, (512 + s.out_plane() - 1) / std::max<int64_t>(1, s.out_plane()));
-  const int64_t rows = std::max<int64_t>(1, s.col_rows());
-  const int64_t cap = std::max<int64_t>(1, kColumnBudget / (rows * std::max<int64_t>(1, s.out_plane())));
-  p.block = std::max<int64_t>(1, std::min({p.block, per_chunk, cap}));
-  // One sample at a time: split its output positions into tiles whose unrolled columns fit the
-  // budget (whole multiples of 64 positions, at least 256 so that the products stay efficient).
-  p.tile = s.out_plane();
-  if (p.block == 1 && rows * s.out_plane() > kColumnBudget)
-    p.tile = std::min(s.out_plane(), std::max<int64_t>(256, kColumnBudget / rows / 64 * 64));
+  p.chunks = chunk ? threads : 1;
+  // Samples per block: enough for ~512 columns, fewer where all rows then fit the budget with at
+  // least 256 columns (one channel block, no partial products to add up).
+  const int64_t width = !backward && use_frames(s) ? frame_of(s).P : P;
+  auto block_of = [&](int64_t most) {
+    const int64_t wide = std::clamp<int64_t>((512 + P - 1) / P, 1, std::max<int64_t>(1, most));
+    const int64_t fit = budget / (rows * width);
+    return fit * P >= 256 ? std::min(wide, fit) : wide;
+  };
+  p.block = block_of((s.N + p.chunks - 1) / p.chunks);
+  // One sample at a time: tiles of whole 32-column panels, such that at least min(rows, 256) rows
+  // fit the budget with them, and of about equal size (no short last tile).
+  p.tile = std::min(P, std::max<int64_t>(256, budget / std::min<int64_t>(rows, 256) / 32 * 32));
+  const int64_t tiles = (P + p.tile - 1) / p.tile;
+  p.tile = std::min(P, ((P + tiles - 1) / tiles + 31) / 32 * 32);
+  // The channel block follows from the slab that the call would use on one thread, so that it does
+  // not change with the thread count: x sums its channel blocks in order, and the same blocks give
+  // the same bits at any thread count.
+  const int64_t block1 = block_of(s.N);
+  const int64_t slab = block1 > 1 ? block1 * width : p.tile;
+  const int64_t fit = std::clamp<int64_t>(budget / (KHW * slab), 1, Cg);
+  p.cblock = (Cg + blocks_of(Cg, fit) - 1) / blocks_of(Cg, fit);  // blocks of even size
+  // Shared slabs, where there are threads to share them and enough work for each: the forward
+  // shares the positions of one sample (at least 256 per thread), the backward the channel blocks
+  // (at least one channel per thread). The backward's results do not depend on its channel block,
+  // so there it is cut to a multiple of the thread count of blocks, which keeps the threads evenly
+  // loaded.
+  const int64_t slab_work = s.Kg() * rows * p.block * P;
+  p.shared = p.chunks == 1 && threads > 1 && !at::in_parallel_region() && slab_work >= (int64_t(1) << 20) &&
+             (backward ? s.Cg() >= threads : p.block == 1 && P >= 256 * threads);
+  if (backward && p.shared) {
+    const int64_t nblk = std::min(Cg, (blocks_of(Cg, p.cblock) + threads - 1) / threads * threads);
+    p.cblock = (Cg + nblk - 1) / nblk;
+  }
   return p;
 }
 
@@ -308,47 +374,6 @@ void for_each_chunk(int64_t N, int64_t chunks, const Fn& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) fn(t, t * N / chunks, (t + 1) * N / chunks);
   });
-}
-
-// One sample at a time on several threads (the batch was not cut into chunks): rather than one
-// parallel region per im2col, product and col2im, each thread takes a whole share of the sample
-// and runs its unrolling and its (single-threaded) products itself:
-//   forward      a share of the output positions (columns of x = W · col are independent);
-//   backward     a share of the input channels c: the rows (c, m, q) of ∂E/∂W = δ · colᵀ and of
-//                ∂col = Wᵀ · δ belong to c, and col2im of those rows writes only c's plane.
-// Worth it when each thread still gets wide products.
-bool split_sample(const ConvShape& s, const Plan& plan, int64_t threads) {
-  const int64_t work = s.Kg() * s.col_rows() * s.out_plane();  // multiply-adds per sample and group
-  return plan.chunks == 1 && plan.block == 1 && threads > 1 && !at::in_parallel_region() && work >= (int64_t(1) << 20);
-}
-bool split_sample_positions(const ConvShape& s, const Plan& plan, int64_t threads) {
-  return split_sample(s, plan, threads) && s.out_plane() >= 256 * threads;
-}
-bool split_sample_channels(const ConvShape& s, const Plan& plan, int64_t threads) {
-  return split_sample(s, plan, threads) && s.Cg() >= threads;
-}
-
-// Unrolls samples [n, n + b) of group g side by side into `col` (col_rows × b·P). For a pointwise
-// conv of one sample, the input already is that matrix and is returned as it is (with its ld).
-// With b == 1 only positions [p0, p1) are unrolled.
-template <typename T>
-const T* unroll(const T* input, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* col, int64_t& ld,
-                int64_t p0 = 0, int64_t p1 = -1) {
-  const int64_t P = s.out_plane();
-  if (p1 < 0) p1 = P;
-  const T* in_ng = input + (n * s.C + g * s.Cg()) * s.in_plane();
-  if (s.col_is_input() && b == 1) {
-    ld = s.in_plane();
-    return in_ng + p0;
-  }
-  if (b == 1) {
-    ld = p1 - p0;
-    im2col(in_ng, col, ld, s, p0, p1);
-    return col;
-  }
-  ld = b * P;
-  for (int64_t k = 0; k < b; ++k) im2col(in_ng + k * s.C * s.in_plane(), col + k * P, ld, s, int64_t(0), P);
-  return col;
 }
 
 // δ of samples [n, n + b), group g, as one Kg × b·P matrix: δ itself for one sample, else packed.
@@ -521,6 +546,13 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
 
   at::Tensor output = at::empty({s.N, s.K, s.OH, s.OW}, input.options());
   if (output.numel() == 0) return output.to(input_.scalar_type());
+  if (s.col_rows() == 0) {  // no input channels: x = b
+    if (has_bias)
+      output.copy_(bias.view({1, s.K, 1, 1}).expand_as(output));
+    else
+      output.zero_();
+    return output.to(input_.scalar_type());
+  }
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d", [&] {
     using T = scalar_t;
@@ -532,37 +564,47 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
       depthwise_forward(in, w, b, out, s);
       return;
     }
-    const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
-    const Plan plan = plan_batches(s);
+    const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg(), KHW = s.KH * s.KW;
+    const Plan plan = plan_batches(s, false);
     const int64_t threads = at::get_num_threads();
-    const bool split_positions = split_sample_positions(s, plan, threads);
+    const bool split_positions = plan.shared;
     const bool frames = plan.block > 1 && use_frames(s);
     const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
+    const bool direct = s.col_is_input();  // 1×1, stride 1, no padding: one sample's col is its input
+    const int64_t block_rows = plan.cblock * KHW;
     for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
-      std::vector<T> col(split_positions || (s.col_is_input() && plan.block == 1) ? 0
-                         : rows * plan.block * (plan.block > 1 ? width : plan.tile));
+      std::vector<T> col(split_positions || (direct && plan.block == 1) ? 0
+                         : block_rows * (plan.block > 1 ? plan.block * width : plan.tile));
       std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * width : 0);
-      std::vector<T> padded(frames ? s.Cg() * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0);
+      std::vector<T> padded(frames ? plan.cblock * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
-          // x = W · col (+ b)
+          // x = W · col (+ b), channel block after channel block
           const T* wg = w + g * Kg * rows;
+          const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
           if (nb == 1) {
             T* o = out + (n * s.K + g * Kg) * P;
             auto positions = [&](int64_t p0, int64_t p1, T* buf) {
+              const int64_t len = p1 - p0;
               if (b)
                 for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P + p0, o + k * P + p1, b[g * Kg + k]);
-              int64_t ld;
-              const T* cols = unroll(in, s, n, 1, g, buf, ld, p0, p1);
-              gemm<T>(false, false, Kg, p1 - p0, rows, wg, rows, cols, ld, b != nullptr, o + p0, P);
+              if (direct) {
+                gemm<T>(false, false, Kg, len, rows, wg, rows, in_ng + p0, s.in_plane(), b != nullptr, o + p0, P);
+                return;
+              }
+              for (int64_t c0 = 0; c0 < s.Cg(); c0 += plan.cblock) {
+                const int64_t r0 = c0 * KHW, r1 = std::min(s.Cg(), c0 + plan.cblock) * KHW;
+                im2col(in_ng, buf, len, s, p0, p1, r0, r1);
+                gemm<T>(false, false, Kg, len, r1 - r0, wg + r0, rows, buf, len, b != nullptr || c0 > 0, o + p0, P);
+              }
             };
             if (split_positions) {
               // tiles of whole 32-column panels, a multiple of the thread count of them
               const int64_t per_thread = (P + threads * plan.tile - 1) / (threads * plan.tile);
               const int64_t len = ((P + threads * per_thread - 1) / (threads * per_thread) + 31) / 32 * 32;
               at::parallel_for(0, (P + len - 1) / len, 1, [&](int64_t t0, int64_t t1) {
-                std::vector<T> buf(s.col_is_input() ? 0 : rows * len);
+                std::vector<T> buf(direct ? 0 : block_rows * len);
                 for (int64_t t = t0; t < t1; ++t) positions(t * len, std::min(P, (t + 1) * len), buf.data());
               });
             } else {
@@ -572,16 +614,17 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
             // samples side by side, in frames (im2col_frame: output rows Wp apart, columns j < OW
             // kept) or unrolled as they are (rows OW apart)
             const int64_t ld = nb * width, row_step = frames ? frame_of(s).Wp : s.OW;
-            const T* cols = col.data();
-            int64_t ld_cols = ld;
-            if (frames) {
-              for (int64_t j = 0; j < nb; ++j)
-                im2col_frame(in + ((n + j) * s.C + g * s.Cg()) * s.in_plane(), col.data() + j * width, ld, s,
-                             padded.data());
-            } else {
-              cols = unroll(in, s, n, nb, g, col.data(), ld_cols);
+            for (int64_t c0 = 0; c0 < s.Cg(); c0 += plan.cblock) {
+              const int64_t c1 = std::min(s.Cg(), c0 + plan.cblock), r0 = c0 * KHW, r1 = c1 * KHW;
+              for (int64_t j = 0; j < nb; ++j) {
+                const T* in_j = in_ng + j * s.C * s.in_plane();
+                if (frames)
+                  im2col_frame(in_j, col.data() + j * width, ld, s, padded.data(), c0, c1);
+                else
+                  im2col(in_j, col.data() + j * width, ld, s, int64_t(0), P, r0, r1);
+              }
+              gemm<T>(false, false, Kg, ld, r1 - r0, wg + r0, rows, col.data(), ld, c0 > 0, tmp.data(), ld);
             }
-            gemm<T>(false, false, Kg, ld, rows, wg, rows, cols, ld_cols, false, tmp.data(), ld);
             for (int64_t j = 0; j < nb; ++j)
               for (int64_t k = 0; k < Kg; ++k) {
                 const T* src = tmp.data() + k * ld + j * width;
@@ -618,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const auto type = input_.scalar_type();
   const bool want_in = output_mask[0], want_w = output_mask[1];
   at::Tensor grad_input = want_in ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : at::Tensor();
-  const Plan plan = plan_batches(s);
+  const Plan plan = plan_batches(s, true);
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
   at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
 
@@ -634,13 +677,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         if (want_w) depthwise_grad_weight(in, d, partial.mutable_data_ptr<T>(), s);
         return;
       }
-      const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg();
-      const bool split_channels = split_sample_channels(s, plan, at::get_num_threads());
+      const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg(), KHW = s.KH * s.KW;
+      const bool share = plan.shared;  // each thread takes whole channel blocks
+      const int64_t cblock = plan.cblock;
+      const int64_t nblk = blocks_of(s.Cg(), cblock), block_rows = cblock * KHW;
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
-        const bool direct = s.col_is_input() && plan.block == 1;  // col is the input itself
-        // One column buffer serves both products in turn: the unrolled input for ∂E/∂W, then
-        // Wᵀ · δ for δ_in.
-        std::vector<T> col(direct || split_channels ? 0 : rows * plan.block * plan.tile);
+        // One column buffer serves both products of a channel block in turn: its unrolled input
+        // rows for ∂E/∂W, then Wᵀ · δ for δ_in.
+        const int64_t span = plan.block > 1 ? plan.block * P : plan.tile;  // positions per product
+        std::vector<T> col(share ? 0 : block_rows * span);
         std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
@@ -648,70 +693,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
           for (int64_t g = 0; g < s.groups; ++g) {
             const T* wg = w + g * Kg * rows;
             T* gw_g = want_w ? gw + g * Kg * rows : nullptr;
+            const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
             T* gin_ng = want_in ? gin + (n * s.C + g * s.Cg()) * s.in_plane() : nullptr;
-            if (nb == 1 && split_channels) {
-              // one sample, each thread the input channels [c0, c1) (rows [r0, r1) of col), in
-              // tiles [p0, p1) of output positions
-              const T* dg = d + (n * s.K + g * Kg) * P;
-              const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
-              const int64_t KHW = s.KH * s.KW;
-              at::parallel_for(0, s.Cg(), 1, [&](int64_t c0, int64_t c1) {
-                const int64_t r0 = c0 * KHW, nr = (c1 - c0) * KHW;
-                std::vector<T> buf(direct ? 0 : nr * plan.tile);
-                for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
-                  const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
-                  if (want_w) {  // rows r0 … of ∂E/∂W += δ · colᵀ
-                    const T* cols = direct ? in_ng + r0 * s.in_plane() + p0 : buf.data();
-                    if (!direct) im2col_rows(in_ng, buf.data(), len, s, p0, p1, r0, r0 + nr);
-                    gemm<T>(false, true, Kg, nr, len, dg + p0, P, cols, direct ? s.in_plane() : len, true, gw_g + r0,
-                            rows);
-                  }
-                  if (want_in) {  // rows r0 … of ∂col = Wᵀ · δ, then col2im into the planes c0 … c1 − 1
-                    if (direct) {
-                      gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, P, false,
-                              gin_ng + r0 * s.in_plane() + p0, s.in_plane());
-                    } else {
-                      gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, P, false, buf.data(), len);
-                      col2im_channels(buf.data(), len, gin_ng, s, p0, p1, c0, c1);
+            int64_t ldd;
+            const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
+            const bool direct = s.col_is_input() && nb == 1;  // col is the input itself
+            // channel blocks [k0, k1), rows r0 … r1 − 1 each
+            auto channel_blocks = [&](int64_t k0, int64_t k1, T* buf) {
+              for (int64_t kb = k0; kb < k1; ++kb) {
+                const int64_t c0 = kb * cblock, c1 = std::min(s.Cg(), c0 + cblock), r0 = c0 * KHW, nr = (c1 - c0) * KHW;
+                if (nb == 1) {  // one sample, its output positions in tiles [p0, p1)
+                  for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
+                    const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
+                    if (want_w) {  // ∂E/∂W[:, rows] += δ · col[rows, :]ᵀ
+                      if (!direct) im2col(in_ng, buf, len, s, p0, p1, r0, r0 + nr);
+                      const T* cols = direct ? in_ng + r0 * s.in_plane() + p0 : buf;
+                      gemm<T>(false, true, Kg, nr, len, dg + p0, ldd, cols, direct ? s.in_plane() : len, true, gw_g + r0,
+                              rows);
+                    }
+                    if (want_in) {  // ∂col[rows, :] = W[:, rows]ᵀ · δ, then col2im into channels c0 … c1 − 1
+                      if (direct) {
+                        gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, ldd, false,
+                                gin_ng + r0 * s.in_plane() + p0, s.in_plane());
+                      } else {
+                        gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, ldd, false, buf, len);
+                        col2im(buf, len, gin_ng, s, p0, p1, c0, c1);
+                      }
                     }
                   }
-                }
-              });
-              continue;
-            }
-            if (nb == 1) {
-              // one sample, its output positions in tiles [p0, p1)
-              const T* dg = d + (n * s.K + g * Kg) * P;
-              for (int64_t p0 = 0; p0 < P; p0 += plan.tile) {
-                const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
-                if (want_w) {  // ∂E/∂W += δ · colᵀ
-                  int64_t ldc;
-                  const T* cols = unroll(in, s, n, 1, g, col.data(), ldc, p0, p1);
-                  gemm<T>(false, true, Kg, rows, len, dg + p0, P, cols, ldc, true, gw_g, rows);
-                }
-                if (want_in) {  // δ_in = col2im(Wᵀ · δ)
-                  if (direct) {
-                    gemm<T>(true, false, rows, len, Kg, wg, rows, dg + p0, P, false, gin_ng + p0, P);
-                  } else {
-                    gemm<T>(true, false, rows, len, Kg, wg, rows, dg + p0, P, false, col.data(), len);
-                    col2im(col.data(), len, gin_ng, s, p0, p1);
+                } else {  // a block of samples side by side
+                  const int64_t ld = nb * P;
+                  if (want_w) {
+                    for (int64_t j = 0; j < nb; ++j)
+                      im2col(in_ng + j * s.C * s.in_plane(), buf + j * P, ld, s, int64_t(0), P, r0, r0 + nr);
+                    gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, true, gw_g + r0, rows);
+                  }
+                  if (want_in) {
+                    gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
+                    for (int64_t j = 0; j < nb; ++j)
+                      col2im(buf + j * P, ld, gin_ng + j * s.C * s.in_plane(), s, int64_t(0), P, c0, c1);
                   }
                 }
               }
-              continue;
-            }
-            // a block of samples side by side
-            int64_t ldd;
-            const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
-            if (want_w) {
-              int64_t ldc;
-              const T* cols = unroll(in, s, n, nb, g, col.data(), ldc);
-              gemm<T>(false, true, Kg, rows, nb * P, dg, ldd, cols, ldc, true, gw_g, rows);
-            }
-            if (want_in) {
-              gemm<T>(true, false, rows, nb * P, Kg, wg, rows, dg, ldd, false, col.data(), nb * P);
-              for (int64_t j = 0; j < nb; ++j)
-                col2im(col.data() + j * P, nb * P, gin_ng + j * s.C * s.in_plane(), s, int64_t(0), P);
+            };
+            if (share) {
+              at::parallel_for(0, nblk, 1, [&](int64_t k0, int64_t k1) {
+                std::vector<T> buf(direct ? 0 : block_rows * (nb == 1 ? plan.tile : nb * P));
+                channel_blocks(k0, k1, buf.data());
+              });
+            } else {
+              channel_blocks(0, nblk, col.data());
             }
           }
         }
@@ -735,6 +766,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   auto empty = [&] { return at::empty({0}, input_.options()); };
   return {want_in ? grad_input.to(type) : empty(), want_w ? grad_weight : empty(),
           output_mask[2] ? grad_bias : empty()};
+}
+
+// Diagnostic for the tests: the plan conv2d makes for these sizes at the current thread count, as
+// [chunks, block, tile, cblock, shared].
+std::vector<int64_t> conv2d_plan(at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool backward) {
+  const at::Tensor one = at::zeros({1});  // expanded: the sizes without their storage
+  const ConvShape s = check_conv2d(one.expand(input_size), one.expand(weight_size), std::nullopt, stride, padding,
+                                   dilation, groups);
+  const Plan p = plan_batches(s, backward);
+  return {p.chunks, p.block, p.tile, p.cblock, p.shared};
 }
 
 }  // namespace cnnbp

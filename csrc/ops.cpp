@@ -51,6 +51,9 @@ TORCH_LIBRARY(cnnbp, m) {
   m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size) -> Tensor");
   m.def("_parallel_threads(int items) -> int", &parallel_threads);
   m.def("_paths() -> str", &build_paths);
+  m.def("_conv2d_plan(int[4] input_size, int[4] weight_size, int[2] stride, int[4] padding, int[2] dilation, "
+        "int groups, bool backward) -> int[]",
+        &conv2d_plan);
 }
 
 TORCH_LIBRARY_IMPL(cnnbp, CPU, m) {

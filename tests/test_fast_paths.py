@@ -87,37 +87,71 @@ def own_gemm_active() -> bool:
     return "gemm=own" in torch.ops.cnnbp._paths()
 
 
-# ---- a model of conv2d's batch plan (plan_batches, for_each_chunk, unroll in csrc/conv2d.cpp) ----
+# ---- conv2d's batch plan (plan_batches in csrc/conv2d.cpp), as the extension reports it ----------
+
+def _split(total, size):
+    """Pieces of `size` covering [0, total), the last one shorter."""
+    return [min(size, total - a) for a in range(0, total, size)]
+
 
 def conv_plan(x_shape, w_shape, threads, stride=1, padding=0, dilation=1, groups=1):
-    """What conv2d.cpp does with these shapes at `threads` threads: the chunks, the sample block, the
-    blocks each chunk makes, whether col is the input itself, and the (M, N, K) of each product."""
+    """What conv2d.cpp does with these shapes at `threads` threads, from the plan the extension
+    itself reports (cnnbp::_conv2d_plan: chunks, block, tile, cblock, shared; forward and backward),
+    with what follows from it: the sample blocks of each chunk, whether col is the input itself, the
+    channel blocks, and the (M, N, K) of each product."""
     N, C, H, W = x_shape
     K, Cg, KH, KW = w_shape
     w = torch.empty(w_shape, device="meta")
     (sh, sw), (pt, pb, pl, pr), (dh, dw) = _args.conv2d_args(w, stride, padding, dilation)
     OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
     OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
-    P, rows, Kg = OH * OW, Cg * KH * KW, K // groups
-    work = N * K * P * rows
-    chunks = threads if threads > 1 and N >= threads and work >= 1 << 20 else 1
-    per_chunk = -(-N // chunks)
-    block = max(1, -(-512 // max(1, P)))
-    cap = max(1, (4 << 20) // max(1, rows * P))
-    block = max(1, min(block, per_chunk, cap))
-    spans = [(t * N // chunks, (t + 1) * N // chunks) for t in range(chunks)]
-    blocks = [min(block, last - n) for first, last in spans for n in range(first, last, block)]
+    P, rows, Kg, KHW = OH * OW, Cg * KH * KW, K // groups, KH * KW
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = (list(x_shape), list(w_shape), [sh, sw], [pt, pb, pl, pr], [dh, dw], groups)
+        fwd = torch.ops.cnnbp._conv2d_plan(*args, False)
+        bwd = torch.ops.cnnbp._conv2d_plan(*args, True)
+    finally:
+        torch.set_num_threads(before)
+    chunks, block, tile, cblock, shared = fwd
+    b_chunks, b_block, b_tile, b_cblock, b_shared = bwd
+
+    def blocks_of(n_chunks, blk):
+        spans = [(t * N // n_chunks, (t + 1) * N // n_chunks) for t in range(n_chunks)]
+        return [min(blk, last - n) for first, last in spans for n in range(first, last, blk)]
+
+    blocks, b_blocks = blocks_of(chunks, block), blocks_of(b_chunks, b_block)
     pointwise = KH == KW == 1 and sh == sw == 1 and pt == pb == pl == pr == 0
+    frames = block > 1 and sh == sw == 1 and Kg * (pl + pr + W - OW) < 256
+    width = OH * (W + pl + pr) if frames else P
     products = set()
     if Cg > 1:  # depthwise convs (Cg == 1) use direct loops, no products
         for nb in set(blocks):
-            products |= {("forward", Kg, nb * P, rows), ("grad_input", rows, nb * P, Kg),
-                         ("grad_weight", Kg, rows, nb * P)}
-    # one sample on several threads (split_sample_positions / split_sample_channels)
-    split = chunks == 1 and block == 1 and threads > 1 and Kg * rows * P >= 1 << 20 and Cg > 1
-    return SimpleNamespace(P=P, rows=rows, Kg=Kg, work=work, chunks=chunks, block=block, blocks=blocks,
-                           direct=pointwise and block == 1, depthwise=Cg == 1, products=products,
-                           split_positions=split and P >= 256 * threads, split_channels=split and Cg >= threads)
+            if nb == 1 and pointwise:
+                col_rows = [rows]
+            else:
+                col_rows = [r * KHW for r in _split(Cg, cblock)]
+            if nb > 1:
+                cols = [nb * width]
+            elif shared:
+                per_thread = -(-P // (threads * tile))
+                length = (-(-P // (threads * per_thread)) + 31) // 32 * 32
+                cols = _split(P, length)
+            else:
+                cols = _split(P, tile)
+            products |= {("forward", Kg, c, r) for c in cols for r in col_rows}
+        for nb in set(b_blocks):
+            col_rows = [r * KHW for r in _split(Cg, b_cblock)]
+            cols = [nb * P] if nb > 1 else _split(P, b_tile)
+            products |= {("grad_input", r, c, Kg) for c in cols for r in col_rows}
+            products |= {("grad_weight", Kg, r, c) for c in cols for r in col_rows}
+    return SimpleNamespace(P=P, rows=rows, Kg=Kg, chunks=chunks, block=block, blocks=blocks, tile=tile,
+                           cblock=cblock, shared=shared, backward=SimpleNamespace(
+                               chunks=b_chunks, block=b_block, blocks=b_blocks, tile=b_tile, cblock=b_cblock,
+                               shared=b_shared),
+                           direct=pointwise and block == 1, depthwise=Cg == 1, frames=frames, products=products,
+                           split_positions=bool(shared), split_channels=bool(b_shared) and b_block == 1)
 
 
 HALF_TYPES = (torch.bfloat16, torch.float16)
@@ -188,7 +222,7 @@ GEMM_CASES = [
     ("Kg145_rows27_cols33", (1, 3, 5, 13), (145, 3, 3, 3), False, {}, None),
     # rows past NC (grad_weight's columns) and several KC blocks (the forward's k)
     ("Kg13_rows1539_cols25_1thread", (1, 171, 7, 7), (13, 171, 3, 3), False, dict(), 1),
-    ("Kg13_rows3105_cols25_2threads", (1, 345, 7, 7), (13, 345, 3, 3), True, dict(), 2),
+    ("Kg13_rows3105_cols21_1x1_2threads", (1, 3105, 3, 7), (13, 3105, 1, 1), True, dict(), 2),
     # Kg past MC = 144 (forward rows) and past KC (grad_input's k); rows past MC (grad_input's rows)
     ("Kg257_rows153_cols51", (1, 17, 5, 19), (257, 17, 3, 3), True, {}, None),
     ("Kg289_rows36_cols99", (1, 4, 5, 35), (289, 4, 3, 3), False, {}, None),
@@ -343,6 +377,47 @@ def test_one_sample_split_over_threads(case, dtype, threads):
     name, xs, ws, bias, kw = case
     plan = conv_plan(xs, ws, threads, **kw)
     assert plan.split_positions and plan.split_channels or (name == "batch2_3threads" and threads == 2), plan
+    run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
+
+
+# Channel blocks (csrc/conv2d.cpp, "the batch loop"): a column buffer holds the rows of a block of
+# input channels; the forward adds the blocks' products up, the backward's products and col2im
+# split along them. Each case has more input channels than one block (an odd count, so the last
+# block is shorter) and drives, at 2 threads, the path named in its id.
+# (id, input, weight, bias, kwargs, what the plan at 2 threads must show)
+CHANNEL_BLOCK_CASES = [
+    ("tiles_41ch_bwd_shared", (1, 41, 17, 19), (24, 41, 3, 3), True, dict(padding=1),
+     lambda p: p.block == 1 and p.tile < p.P and p.backward.shared),
+    ("frames_blocks_97ch_fwd_chunks", (6, 97, 7, 7), (32, 97, 3, 3), False, dict(padding=1),
+     lambda p: p.frames and p.chunks == 2 and p.block > 1),
+    ("blocks_bwd_shared_97ch", (4, 97, 7, 7), (96, 97, 3, 3), True, dict(padding=1),
+     lambda p: p.backward.chunks == 1 and p.backward.shared and p.backward.block == 4),
+    ("fwd_chunks_bwd_shared_65ch", (4, 65, 16, 16), (64, 65, 3, 3), False, dict(padding=1),
+     lambda p: p.chunks == 2 and p.backward.chunks == 1 and p.backward.shared),
+    ("tiles_bwd_chunks_67ch", (3, 67, 24, 24), (16, 67, 3, 3), True, dict(padding=1),
+     lambda p: p.backward.chunks == 2 and p.backward.block == 1 and p.backward.tile < p.P),
+    ("groups2_frames_45ch", (5, 90, 9, 9), (40, 45, 3, 3), True, dict(padding=1, groups=2),
+     lambda p: p.frames and p.backward.shared),
+]
+
+
+def test_channel_blocks_plan():
+    """Each case has several channel blocks and takes its path; the forward's channel block (whose
+    products it adds up in order) is the same at every thread count, so the forward's sums are too."""
+    for name, xs, ws, _, kw, drives in CHANNEL_BLOCK_CASES:
+        plans = {t: conv_plan(xs, ws, t, **kw) for t in (1, 2, 3)}
+        cg = ws[1]
+        assert all(p.cblock < cg and p.backward.cblock < cg for p in plans.values()), (name, plans)
+        assert cg % plans[1].cblock, f"{name}: the last channel block should be shorter"
+        assert len({p.cblock for p in plans.values()}) == 1, (name, "forward channel block changes with threads")
+        assert drives(plans[2]), (name, plans[2])
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", CHANNEL_BLOCK_CASES, ids=lambda c: c[0])
+def test_channel_blocks_match_native(case, dtype, threads):
+    name, xs, ws, bias, kw, _ = case
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
 
 
