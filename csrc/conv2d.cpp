@@ -20,7 +20,8 @@
 //          this scatter is the "full convolution with the 180°-rotated kernel" of the stride-1 case,
 //          and its generalisation to stride, padding and dilation.
 //
-// col is built for one sample at a time (per thread), never for the whole batch.
+// col is never built whole: a buffer of at most a few hundred KiB per thread holds the rows of a
+// block of input channels for one slab of output positions (see "the batch loop").
 
 #include "cnnbp.h"
 #include "gemm.h"
@@ -284,8 +285,8 @@ void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0
 //     and the col2im of a block's ∂col rows writes only that block's channels.
 // Cutting rows rather than positions keeps the products wide: ∂E/∂W's inner dimension is the
 // positions, and a product over a few dozen of them runs far below the BLAS's peak. The buffer
-// stays at kColumnBudget elements per thread, small next to the layer's own tensors, so peak memory
-// is close to that of a convolution without any unrolling.
+// stays within column_budget() elements per thread, small next to the layer's own tensors, so peak
+// memory is close to that of a convolution without any unrolling.
 //
 // Threads, decided per call:
 //   chunks > 1  the batch is cut into one chunk of samples per thread. Each thread owns its
