@@ -280,6 +280,79 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_2x2_cl(const T* in_n, T* out_px, int64
   }
 }
 
+// The same for planes whose output rows are short (OW < 16, LeNet's 14 and 5), where blocks of 16
+// outputs per row would be mostly empty: the outputs of planes [p0, p1), contiguous in memory, are
+// taken in blocks that run on across rows and planes. Output r of a plane reads its top-left tap
+// at tab[r] = 2·(r / OW)·W + 2·(r mod OW) (a table made once per call). The taps of a block are
+// gathered into arrays first and the maxima taken over the arrays; the blocks are long (128) so
+// that the gathered values have left the store buffer when the vector loads read them back.
+template <typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_planes_2x2_short_rows(const T* in, T* out, int64_t* idx, const int32_t* tab,
+                                                          const PoolShape& s, int64_t p0, int64_t p1) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int B = 128;
+  const int32_t W = static_cast<int32_t>(s.W);
+  const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW, lanes = (p1 - p0) * out_plane;
+  const T* plane = in + p0 * in_plane;
+  out += p0 * out_plane;
+  idx += p0 * out_plane;
+  int64_t r = 0;  // output r of `plane` is lane e0 + l, stepped along
+  for (int64_t e0 = 0; e0 < lanes; e0 += B) {
+    const int n = static_cast<int>(std::min<int64_t>(B, lanes - e0));
+    acc_t t0[B], t1[B], t2[B], t3[B], best[B];
+    int32_t at[B], best_at[B];
+    for (int l = 0; l < n; ++l) {
+      const int32_t v = tab[r];
+      t0[l] = static_cast<acc_t>(plane[v]);
+      t1[l] = static_cast<acc_t>(plane[v + 1]);
+      t2[l] = static_cast<acc_t>(plane[v + W]);
+      t3[l] = static_cast<acc_t>(plane[v + W + 1]);
+      at[l] = v;
+      if (++r == out_plane) r = 0, plane += in_plane;
+    }
+    for (int l = 0; l < n; ++l) max_of_2x2(t0[l], t1[l], t2[l], t3[l], at[l], W, best[l], best_at[l]);
+    for (int l = 0; l < n; ++l) {
+      out[e0 + l] = static_cast<T>(best[l]);
+      idx[e0 + l] = best_at[l];
+    }
+  }
+}
+
+// channels_last, 2×2 stride 2 inside the image, few channels (C < 16, LeNet's 6): per pixel the
+// channel loop above would be too short to vectorise (it runs scalar, with a branch per tap). An
+// output row instead is one run of OW·C values: lane e = j·C + c reads its top-left tap at input
+// column 2j, channel c, offset u[e] = 2j·C + c in the row, and its index is 2i·W + col2[e] with
+// col2[e] = 2j (tables made once per call, the same for every row). Gathered into arrays first, as
+// above.
+template <typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_row_2x2_cl(const T* in_n, T* out_row, int64_t* idx_row, int64_t i, int64_t C,
+                                               const int32_t* u, const int32_t* col2, const PoolShape& s) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int B = 128;
+  const T* r0 = in_n + 2 * i * s.W * C;
+  const T* r1 = r0 + s.W * C;
+  const int32_t at_row = static_cast<int32_t>(2 * i * s.W), W = static_cast<int32_t>(s.W);
+  const int64_t lanes = s.OW * C;
+  for (int64_t e0 = 0; e0 < lanes; e0 += B) {
+    const int n = static_cast<int>(std::min<int64_t>(B, lanes - e0));
+    acc_t t0[B], t1[B], t2[B], t3[B], best[B];
+    int32_t at[B], best_at[B];
+    for (int l = 0; l < n; ++l) {
+      const int32_t v = u[e0 + l];
+      t0[l] = static_cast<acc_t>(r0[v]);
+      t1[l] = static_cast<acc_t>(r0[v + C]);
+      t2[l] = static_cast<acc_t>(r1[v]);
+      t3[l] = static_cast<acc_t>(r1[v + C]);
+      at[l] = at_row + col2[e0 + l];
+    }
+    for (int l = 0; l < n; ++l) max_of_2x2(t0[l], t1[l], t2[l], t3[l], at[l], W, best[l], best_at[l]);
+    for (int l = 0; l < n; ++l) {
+      out_row[e0 + l] = static_cast<T>(best[l]);
+      idx_row[e0 + l] = best_at[l];
+    }
+  }
+}
+
 // The same for planes too large for int32 indices: one window at a time, int64 throughout.
 template <typename T>
 void max_pool2d_plane_windows(const T* in, T* out, int64_t* idx, const PoolShape& s) {
@@ -362,24 +435,54 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
       // int32, so planes must stay under 2^31 elements here.
       TORCH_CHECK(in_plane < (int64_t(1) << 31), "max_pool2d: channels_last planes of 2^31 elements or more are not supported");
       const bool plain_2x2 = is_plain_2x2_stride_2(s);
+      if (plain_2x2 && C < 16) {  // whole output rows (n, i), split over threads
+        std::vector<int32_t> u(s.OW * C), col2(s.OW * C);
+        for (int64_t e = 0; e < s.OW * C; ++e) {
+          u[e] = static_cast<int32_t>(2 * (e / C) * C + e % C);
+          col2[e] = static_cast<int32_t>(2 * (e / C));
+        }
+        at::parallel_for(0, N * s.OH, grain_for(s.OW * C * 4), [&](int64_t r0, int64_t r1) {
+          run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t n = r / s.OH, i = r % s.OH;
+              max_pool2d_row_2x2_cl(in + n * in_plane * C, out + r * s.OW * C, idx + r * s.OW * C, i, C, u.data(),
+                                    col2.data(), s);
+            }
+          }, blend_isa());
+        });
+        return;
+      }
       at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
         std::vector<acc_t> best(plain_2x2 ? 0 : C);
         std::vector<int32_t> best_at(plain_2x2 ? 0 : C);
         run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+          // (n, i, j) of pixel p, stepped along rather than divided out per pixel (with few
+          // channels, LeNet's 6, the divisions cost more than the pooling)
+          int64_t n = p0 / out_plane, i = (p0 % out_plane) / s.OW, j = p0 % s.OW;
           for (int64_t p = p0; p < p1; ++p) {
-            const int64_t n = p / out_plane, ij = p % out_plane;
             if (plain_2x2) {
-              max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s);
+              max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s);
             } else {
-              max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, ij / s.OW, ij % s.OW, C, s,
-                                  best.data(), best_at.data());
+              max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s, best.data(),
+                                  best_at.data());
+            }
+            if (++j == s.OW) {
+              j = 0;
+              if (++i == s.OH) i = 0, ++n;
             }
           }
         }, blend_isa());
       });
     } else if (in_plane < (int64_t(1) << 31) && is_plain_2x2_stride_2(s)) {
+      std::vector<int32_t> tab(s.OW < 16 ? out_plane : 0);
+      for (int64_t e = 0; e < int64_t(tab.size()); ++e)
+        tab[e] = static_cast<int32_t>(2 * (e / s.OW) * s.W + 2 * (e % s.OW));
       at::parallel_for(0, s.planes, grain_for(out_plane * 4), [&](int64_t p0, int64_t p1) {
         run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+          if (s.OW < 16) {
+            max_pool2d_planes_2x2_short_rows(in, out, idx, tab.data(), s, p0, p1);
+            return;
+          }
           for (int64_t p = p0; p < p1; ++p)
             max_pool2d_plane_2x2(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s);
         });
@@ -446,7 +549,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       // Whole samples when there are enough of them, else blocks of 64 channels.
       const int64_t kBlock = N >= at::get_num_threads() ? C : 64;
       const int64_t blocks = (C + kBlock - 1) / kBlock;
-      at::parallel_for(0, N * blocks, grain_for(out_plane * kBlock), [&](int64_t t0, int64_t t1) {
+      // (work per item: zeroing its part of the gradient, then its scatter)
+      at::parallel_for(0, N * blocks, grain_for((in_plane + out_plane) * kBlock), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
           scalar_t* g = gin + n * in_plane * C;
@@ -468,7 +572,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       });
     } else {
       // Split over planes (n, c): a plane's gradient is written by one thread.
-      at::parallel_for(0, N * C, grain_for(out_plane), [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, N * C, grain_for(in_plane + out_plane), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           scalar_t* g = gin + p * in_plane;
           std::fill(g, g + in_plane, scalar_t(0));

@@ -630,6 +630,35 @@ def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype, channels_last):
             assert torch.equal(ours, ref), (H, W)
 
 
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_max_pool2d_2x2_short_rows_and_few_channels(dtype, channels_last, threads):
+    """The 2x2 stride-2 kernels that run blocks of 128 lanes across rows: NCHW planes with output
+    rows shorter than 16 (max_pool2d_planes_2x2_short_rows: blocks run on across planes, a plane
+    boundary inside a block, a thread's planes starting past 0) and channels_last with fewer than
+    16 channels (max_pool2d_row_2x2_cl: a row of OW·C lanes, more than one block when OW·C > 128).
+    Values from a small set (ties, NaN, ±inf), values and indices against native, then gradients."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(11)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    # (8, 12, 29, 27) and (16, 6, 28, 28) are large enough to be split over two threads
+    shapes = [(8, 12, 29, 27), (3, 6, 28, 28), (2, 15, 10, 29), (4, 1, 9, 9)] if not channels_last else \
+        [(16, 6, 28, 28), (2, 15, 10, 29), (5, 1, 7, 31), (2, 9, 4, 2)]
+    for shape in shapes:
+        x = pool[torch.randint(len(pool), shape, generator=g)].to(dtype)
+        ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ours, idx = torch_cnnbp.max_pool2d(x, 2, return_indices=True)
+        assert torch.equal(idx, ref_idx), shape
+        assert torch.equal(ours.isnan(), ref.isnan()), shape
+        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), shape
+        run_pool_case(randn(*shape, dtype=dtype).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+            dict(kernel_size=2, stride=2), threads=threads, msg=f"{shape}, {dtype}")
+
+
 CL_CHANNELS = (1, 3, 16, 17, 64, 65)
 CL_CASES = [
     dict(kernel_size=2, stride=2),
