@@ -14,6 +14,8 @@ Pair = Tuple[int, int]
 
 
 def _is_int(v) -> bool:
+    if type(v) is int:  # the common case, without the abstract-class checks below (per call they add up)
+        return True
     return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
 
 
@@ -26,6 +28,10 @@ def integer(op: str, name: str, value):
 
 def pair(op: str, name: str, value, allow_empty: bool = False) -> Pair:
     """An int or a sequence of one or two ints, as a pair (PyTorch's `_pair` with its checks)."""
+    if type(value) is int:
+        return (value, value)
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return (value[0], value[1])
     if _is_int(value):
         return (int(value) if isinstance(value, numbers.Integral) else value,) * 2
     if isinstance(value, torch.Size) or isinstance(value, Sequence) and not isinstance(value, str):
