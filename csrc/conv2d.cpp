@@ -31,6 +31,8 @@
 #include <c10/util/SmallVector.h>
 #include <c10/util/irange.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace cnnbp {
@@ -228,6 +230,49 @@ void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded
   });
 }
 
+// The adjoint of im2col_frame, for channels [c0, c1) of one sample: each row (c, m, q) of the frame
+// matrix ∂col (OH·Wp values, row r at col + r·ld, the rows of c0 first) is ONE contiguous add into
+// a zero-padded plane, at the offset the row was read from; then the planes' insides are the
+// gradient (grad_in holds the sample's Cg planes of H×W; planes c0 … c1 − 1 are written).
+// `padded` is scratch of (c1 − c0)·(Hp + 1)·Wp values. The columns j ≥ OW of ∂col must hold zeros
+// (they do when δ is zero there and the weight is finite): they land in the padding or on pixels
+// that other columns reach too, and add nothing.
+template <typename T>
+void col2im_frame(const T* col, int64_t ld, T* grad_in, const ConvShape& s, T* padded, int64_t c0, int64_t c1) {
+  const Frame f = frame_of(s);
+  const int64_t plane = (f.Hp + 1) * f.Wp, KHW = s.KH * s.KW;
+  run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    for (int64_t t = 0; t < (c1 - c0) * plane; ++t) padded[t] = T(0);
+    for (int64_t r = 0; r < (c1 - c0) * KHW; ++r) {
+      const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;  // c counted from c0
+      T* dst = padded + c * plane + m * s.dh * f.Wp + q * s.dw;
+      const T* src = col + r * ld;
+      for (int64_t p = 0; p < f.P; ++p) dst[p] += src[p];
+    }
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t h = 0; h < s.H; ++h) {
+        const T* src = padded + (c - c0) * plane + (s.pt + h) * f.Wp + s.pl;
+        T* dst = grad_in + (c * s.H + h) * s.W;
+        for (int64_t v = 0; v < s.W; ++v) dst[v] = src[v];
+      }
+  });
+}
+
+// Whether all n values are finite (the frames of the backward multiply the dropped columns by 0).
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::abs(x[i]) <= std::numeric_limits<T>::max();
+  return ok;
+}
+// The same for the group's input channels of samples [0, b) from in_ng (b·Cg planes, C planes apart).
+template <typename T>
+bool all_finite(const T* in_ng, int64_t b, const ConvShape& s) {
+  bool ok = true;
+  for (int64_t j = 0; j < b; ++j) ok &= all_finite(in_ng + j * s.C * s.in_plane(), s.Cg() * s.in_plane());
+  return ok;
+}
+
 // The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), p] for every (m,q) and position p in [p0, p1)
 // that read o[c,h,v], for the input channels c in [c0, c1) (whose rows start at `col`). A channel's
 // rows write only into that channel's plane. `grad_in` must be zeroed by the caller.
@@ -332,7 +377,7 @@ Plan plan_batches(const ConvShape& s, bool backward) {
   p.chunks = chunk ? threads : 1;
   // Samples per block: enough for ~512 columns, fewer where all rows then fit the budget with at
   // least 256 columns (one channel block, no partial products to add up).
-  const int64_t width = !backward && use_frames(s) ? frame_of(s).P : P;
+  const int64_t width = use_frames(s) ? frame_of(s).P : P;
   auto block_of = [&](int64_t most) {
     const int64_t wide = std::clamp<int64_t>((512 + P - 1) / P, 1, std::max<int64_t>(1, most));
     const int64_t fit = budget / (rows * width);
@@ -391,6 +436,23 @@ const T* gather_delta(const T* grad_output, const ConvShape& s, int64_t n, int64
   for (int64_t k = 0; k < s.Kg(); ++k)
     for (int64_t j = 0; j < b; ++j) std::copy(d + (j * s.K + k) * P, d + (j * s.K + k + 1) * P, pack + k * ld + j * P);
   return pack;
+}
+
+// δ of samples [n, n + b), group g, in frames: Kg × b·OH·Wp, output row i of sample j at column
+// j·OH·Wp + i·Wp, zeros in the columns j ≥ OW of each row.
+template <typename T>
+void gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* pack) {
+  const Frame f = frame_of(s);
+  const int64_t P = s.out_plane(), ld = b * f.P;
+  for (int64_t k = 0; k < s.Kg(); ++k)
+    for (int64_t j = 0; j < b; ++j) {
+      const T* src = grad_output + ((n + j) * s.K + g * s.Kg() + k) * P;
+      T* dst = pack + k * ld + j * f.P;
+      for (int64_t i = 0; i < s.OH; ++i) {
+        std::copy(src + i * s.OW, src + (i + 1) * s.OW, dst + i * f.Wp);
+        std::fill(dst + i * f.Wp + s.OW, dst + (i + 1) * f.Wp, T(0));
+      }
+    }
 }
 
 // ---- depthwise: one input channel per group ---------------------------------------------------
@@ -680,14 +742,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
       }
       const int64_t P = s.out_plane(), rows = s.col_rows(), Kg = s.Kg(), KHW = s.KH * s.KW;
       const bool share = plan.shared;  // each thread takes whole channel blocks
+      // Frames for blocks of samples (stride 1, small images), when the weight is finite.
+      const bool frames = plan.block > 1 && use_frames(s) && all_finite(w, s.K * rows);
+      const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
+      const int64_t pad_size = frames ? plan.cblock * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0;
       const int64_t cblock = plan.cblock;
       const int64_t nblk = blocks_of(s.Cg(), cblock), block_rows = cblock * KHW;
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
         // One column buffer serves both products of a channel block in turn: its unrolled input
         // rows for ∂E/∂W, then Wᵀ · δ for δ_in.
-        const int64_t span = plan.block > 1 ? plan.block * P : plan.tile;  // positions per product
+        const int64_t span = plan.block > 1 ? plan.block * width : plan.tile;  // columns per product
         std::vector<T> col(share ? 0 : block_rows * span);
-        std::vector<T> pack(plan.block > 1 ? Kg * plan.block * P : 0);
+        std::vector<T> pack(plan.block > 1 ? Kg * plan.block * width : 0);
+        std::vector<T> padded(frames && !share ? pad_size : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
           const int64_t nb = std::min(plan.block, last - n);
@@ -696,11 +763,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
             T* gw_g = want_w ? gw + g * Kg * rows : nullptr;
             const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
             T* gin_ng = want_in ? gin + (n * s.C + g * s.Cg()) * s.in_plane() : nullptr;
+            // Frames (as in the forward) for a block of samples, where the dropped columns are sure to
+            // add nothing: ∂col's are Wᵀ · 0 (a finite weight), ∂E/∂W's are 0 · input (finite).
+            const bool framed = nb > 1 && frames && (!want_w || all_finite(in_ng, nb, s));
             int64_t ldd;
-            const T* dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
+            const T* dg = pack.data();
+            if (framed)
+              gather_delta_frames(d, s, n, nb, g, pack.data()), ldd = nb * width;
+            else
+              dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
             const bool direct = s.col_is_input() && nb == 1;  // col is the input itself
             // channel blocks [k0, k1), rows r0 … r1 − 1 each
-            auto channel_blocks = [&](int64_t k0, int64_t k1, T* buf) {
+            auto channel_blocks = [&](int64_t k0, int64_t k1, T* buf, T* pad) {
               for (int64_t kb = k0; kb < k1; ++kb) {
                 const int64_t c0 = kb * cblock, c1 = std::min(s.Cg(), c0 + cblock), r0 = c0 * KHW, nr = (c1 - c0) * KHW;
                 if (nb == 1) {  // one sample, its output positions in tiles [p0, p1)
@@ -722,6 +796,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                       }
                     }
                   }
+                } else if (framed) {  // a block of samples side by side, in frames
+                  const int64_t ld = nb * width;
+                  if (want_w) {
+                    for (int64_t j = 0; j < nb; ++j)
+                      im2col_frame(in_ng + j * s.C * s.in_plane(), buf + j * width, ld, s, pad, c0, c1);
+                    gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, true, gw_g + r0, rows);
+                  }
+                  if (want_in) {
+                    gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
+                    for (int64_t j = 0; j < nb; ++j)
+                      col2im_frame(buf + j * width, ld, gin_ng + j * s.C * s.in_plane(), s, pad, c0, c1);
+                  }
                 } else {  // a block of samples side by side
                   const int64_t ld = nb * P;
                   if (want_w) {
@@ -739,11 +825,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
             };
             if (share) {
               at::parallel_for(0, nblk, 1, [&](int64_t k0, int64_t k1) {
-                std::vector<T> buf(direct ? 0 : block_rows * (nb == 1 ? plan.tile : nb * P));
-                channel_blocks(k0, k1, buf.data());
+                std::vector<T> buf(direct ? 0 : block_rows * (nb == 1 ? plan.tile : nb * width));
+                std::vector<T> pad(framed ? pad_size : 0);
+                channel_blocks(k0, k1, buf.data(), pad.data());
               });
             } else {
-              channel_blocks(0, nblk, col.data());
+              channel_blocks(0, nblk, col.data(), padded.data());
             }
           }
         }

@@ -453,16 +453,53 @@ def uses_frames(xs, ws, kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", FRAME_CASES, ids=lambda c: c[0])
 def test_frame_unrolling_matches_native(case, dtype):
+    """Forward and backward in frames (the backward's blocks too: ∂E/∂W from framed columns with δ
+    zero in the dropped ones, δ_in by one contiguous add per row into padded planes)."""
     name, xs, ws, bias, kw = case
     assert uses_frames(xs, ws, kw), name
+    assert conv_plan(xs, ws, 1, **kw).backward.block > 1, name  # the backward's blocks are framed too
     run_conv_case(xs, ws, bias, kw, dtype, 1, msg=name)
-    if dtype == torch.float64:  # non-finite inputs in the dropped columns stay there
-        x = randn(*xs, dtype=dtype)
-        x[..., -1] = math.inf
-        x[0, 0, 0, 0] = math.nan
-        w, b = randn(*ws, dtype=dtype), randn(ws[0], dtype=dtype) if bias else None
+    if dtype == torch.float64:
+        # Non-finite values: in the forward they stay in the dropped columns. The backward's frames
+        # would multiply them by the zeros of the dropped columns, so a block with a non-finite
+        # input (for ∂E/∂W) or a non-finite weight (for δ_in) takes the unframed path instead.
         ours, native = conv2d_pair(**kw)
-        torch.testing.assert_close(ours(x, w, b), native(x, w, b), equal_nan=True)
+        for where in ("input", "weight"):
+            x, w = randn(*xs, dtype=dtype), randn(*ws, dtype=dtype)
+            b = randn(ws[0], dtype=dtype) if bias else None
+            if where == "input":
+                x[..., -1] = math.inf
+                x[0, 0, 0, 0] = math.nan
+            else:
+                w[0, 0, 0, -1] = math.inf
+            g = randn(*native(x, w, b).shape, dtype=dtype)
+            got, want = [], []
+            for fn, out in ((ours, got), (native, want)):
+                xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+                y = fn(xa, wa, b)
+                out.append(y.detach())
+                out.extend(torch.autograd.grad(y, (xa, wa), g))
+            for what, a, e in zip(("output", "grad_input", "grad_weight"), got, want):
+                torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m: f"{name}, {where} non-finite, {what}: {m}")
+
+
+def test_backward_frames_take_finite_blocks_only():
+    """A batch whose second block of samples holds an inf: the first block's ∂E/∂W is framed, the
+    second's not, and the sum over both is native's (the inf's row and column give inf / NaN exactly
+    where native's do)."""
+    xs, ws = (12, 6, 14, 14), (16, 6, 5, 5)
+    plan = conv_plan(xs, ws, 1)
+    assert 1 < plan.backward.block < 12, plan
+    x, w = randn(*xs), randn(*ws)
+    x[plan.backward.block + 1, 2, 5, 13] = math.inf
+    ours, native = conv2d_pair()
+    g = randn(12, 16, 10, 10)
+    res = []
+    for fn in (ours, native):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        res.append(torch.autograd.grad(fn(xa, wa, None), (xa, wa), g))
+    for a, e in zip(*res):
+        torch.testing.assert_close(a, e, equal_nan=True)
 
 
 def plan_changes_with_two_threads(case):
