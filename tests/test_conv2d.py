@@ -594,11 +594,15 @@ def test_backward_op_rejects_wrong_grad_output():
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=(2, 1), dilation=(1, 2)), dict(padding="same")],
                          ids=["pad1", "strided_dilated", "same"])
 def test_large_images_split_into_position_tiles(kw):
-    """When one sample's unrolled input exceeds the per-thread column budget (2^19 elements), its
-    output positions are processed in tiles: tiles start and end in the middle of output rows."""
+    """When one sample's unrolled input exceeds the per-thread column budget (column_budget in
+    csrc/conv2d.cpp, 2^16 elements here), its output positions are processed in tiles: tiles start
+    and end in the middle of output rows."""
     x = torch.randn(2, 64, 37, 41, dtype=torch.float64)   # 576 rows x up to 1517 positions
     w = torch.randn(5, 64, 3, 3, dtype=torch.float64)
     b = torch.randn(5, dtype=torch.float64)
+    chunks, block, tile, cblock, shared = torch.ops.cnnbp._conv2d_plan([2, 64, 37, 41], [5, 64, 3, 3], [1, 1],
+                                                                        [1, 1, 1, 1], [1, 1], 1, True)
+    assert block == 1 and tile < 37 * 41 and tile % 41, (block, tile)
     compare_with_native(*conv2d_pair(**kw), (x, w, b), msg=str(kw))
     with single_thread():
         compare_with_native(*conv2d_pair(**kw), (x[:1], w, b), msg=f"{kw} one thread")

@@ -7,9 +7,11 @@ backward) through the shared harness, and with the NumPy reference on tiny float
       forward      [Kg × rows] · [rows × cols]
       grad_input   [rows × Kg] · [Kg × cols]         (A transposed)
       grad_weight  [Kg × cols] · [cols × rows]       (B transposed)
-  with Kg = K / groups, rows = Cg·kh·kw and cols = block·OH·OW. GEMM_CASES puts each of these
-  dimensions below one tile/block, on a multiple and one past it; `conv_plan` mirrors
-  plan_batches so that test_gemm_matrix_covers_the_edges can say which products the cases make.
+  with Kg = K / groups, rows = the unrolled rows of a block of input channels (Cg·kh·kw when the
+  channels fit one block) and cols = the columns of a slab (block·OH·OW, in frames block·OH·Wp, or a
+  tile of one sample). GEMM_CASES puts each of these dimensions below one tile/block, on a multiple
+  and one past it; `conv_plan` reads the plan from the extension (cnnbp::_conv2d_plan) so that
+  test_gemm_matrix_covers_the_edges can say which products the cases make.
 * the batch plan: sample blocks (block > 1 when OH·OW < 512) with remainders, per-thread chunks
   (N ≥ threads, work ≥ 2^20) with batches not divisible by the thread count, the pointwise direct
   path (col is the input itself) and pointwise convs that are not direct (stride 2, padding).

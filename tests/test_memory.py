@@ -148,7 +148,7 @@ def test_conv2d_unrolled_input_past_2_31_elements():
     """One sample, two input channels, a 5x5 kernel: the unrolled input of the whole sample (2·5·5
     = 50 rows by H·W columns) would hold more than 2^31 elements. Up to commit a2ff0c8 conv2d built
     exactly that buffer (8 GiB), its last rows reached only through 64-bit offsets; since then it
-    unrolls tiles of output positions (at most 2^19 elements per thread), so this checks the tile
+    unrolls tiles of output positions (at most 2^18 elements per thread), so this checks the tile
     offsets over planes of 43M positions, and the old overflow if the whole-sample buffer ever
     comes back. (Two channels, because a single-channel conv takes the direct depthwise loops.) The upstream gradient is zero except at sampled positions, so each
     gradient is a short sum that a direct float64 computation reproduces to float32 rounding.
