@@ -280,6 +280,20 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_2x2_cl(const T* in_n, T* out_px, int64
   }
 }
 
+// The maxima of n gathered 2×2 windows (taps t0 … t3 in scan order, top-left index at) into out
+// and idx. Over whole arrays, so that it vectorises.
+template <typename A, typename T, int B>
+CNNBP_ALWAYS_INLINE void max_of_2x2_lanes(const A (&t0)[B], const A (&t1)[B], const A (&t2)[B], const A (&t3)[B],
+                                          const int32_t (&at)[B], int n, int32_t W, T* out, int64_t* idx) {
+  A best[B];
+  int32_t best_at[B];
+  for (int l = 0; l < n; ++l) max_of_2x2(t0[l], t1[l], t2[l], t3[l], at[l], W, best[l], best_at[l]);
+  for (int l = 0; l < n; ++l) {
+    out[l] = static_cast<T>(best[l]);
+    idx[l] = best_at[l];
+  }
+}
+
 // The same for planes whose output rows are short (OW < 16, LeNet's 14 and 5), where blocks of 16
 // outputs per row would be mostly empty: the outputs of planes [p0, p1), contiguous in memory, are
 // taken in blocks that run on across rows and planes. Output r of a plane reads its top-left tap
@@ -299,8 +313,8 @@ CNNBP_ALWAYS_INLINE void max_pool2d_planes_2x2_short_rows(const T* in, T* out, i
   int64_t r = 0;  // output r of `plane` is lane e0 + l, stepped along
   for (int64_t e0 = 0; e0 < lanes; e0 += B) {
     const int n = static_cast<int>(std::min<int64_t>(B, lanes - e0));
-    acc_t t0[B], t1[B], t2[B], t3[B], best[B];
-    int32_t at[B], best_at[B];
+    acc_t t0[B], t1[B], t2[B], t3[B];
+    int32_t at[B];
     for (int l = 0; l < n; ++l) {
       const int32_t v = tab[r];
       t0[l] = static_cast<acc_t>(plane[v]);
@@ -310,11 +324,7 @@ CNNBP_ALWAYS_INLINE void max_pool2d_planes_2x2_short_rows(const T* in, T* out, i
       at[l] = v;
       if (++r == out_plane) r = 0, plane += in_plane;
     }
-    for (int l = 0; l < n; ++l) max_of_2x2(t0[l], t1[l], t2[l], t3[l], at[l], W, best[l], best_at[l]);
-    for (int l = 0; l < n; ++l) {
-      out[e0 + l] = static_cast<T>(best[l]);
-      idx[e0 + l] = best_at[l];
-    }
+    max_of_2x2_lanes(t0, t1, t2, t3, at, n, W, out + e0, idx + e0);
   }
 }
 
@@ -335,8 +345,8 @@ CNNBP_ALWAYS_INLINE void max_pool2d_row_2x2_cl(const T* in_n, T* out_row, int64_
   const int64_t lanes = s.OW * C;
   for (int64_t e0 = 0; e0 < lanes; e0 += B) {
     const int n = static_cast<int>(std::min<int64_t>(B, lanes - e0));
-    acc_t t0[B], t1[B], t2[B], t3[B], best[B];
-    int32_t at[B], best_at[B];
+    acc_t t0[B], t1[B], t2[B], t3[B];
+    int32_t at[B];
     for (int l = 0; l < n; ++l) {
       const int32_t v = u[e0 + l];
       t0[l] = static_cast<acc_t>(r0[v]);
@@ -345,11 +355,7 @@ CNNBP_ALWAYS_INLINE void max_pool2d_row_2x2_cl(const T* in_n, T* out_row, int64_
       t3[l] = static_cast<acc_t>(r1[v + C]);
       at[l] = at_row + col2[e0 + l];
     }
-    for (int l = 0; l < n; ++l) max_of_2x2(t0[l], t1[l], t2[l], t3[l], at[l], W, best[l], best_at[l]);
-    for (int l = 0; l < n; ++l) {
-      out_row[e0 + l] = static_cast<T>(best[l]);
-      idx_row[e0 + l] = best_at[l];
-    }
+    max_of_2x2_lanes(t0, t1, t2, t3, at, n, W, out_row + e0, idx_row + e0);
   }
 }
 
