@@ -193,10 +193,17 @@ void im2col(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0, int
 // use_frames).
 struct Frame {
   int64_t Hp, Wp, P;  // padded plane (Hp + 1 rows are stored), frame positions OH·Wp
+  int64_t plane() const { return (Hp + 1) * Wp; }
 };
 Frame frame_of(const ConvShape& s) {
   const int64_t Hp = s.H + s.pt + s.pb, Wp = s.W + s.pl + s.pr;
   return {Hp, Wp, s.OH * Wp};
+}
+// Where row r = (c, m, q) of a frame matrix (c counted from the first padded plane) reads frame
+// position 0: padded[c, m·dh·Wp + q·dw]; position p' is that plus p'.
+int64_t frame_row_offset(const ConvShape& s, const Frame& f, int64_t r) {
+  const int64_t c = r / (s.KH * s.KW), m = (r / s.KW) % s.KH, q = r % s.KW;
+  return c * f.plane() + m * s.dh * f.Wp + q * s.dw;
 }
 bool use_frames(const ConvShape& s) {
   return s.sh == 1 && s.sw == 1 && s.Kg() * (frame_of(s).Wp - s.OW) < 256;
@@ -207,7 +214,7 @@ bool use_frames(const ConvShape& s) {
 template <typename T>
 void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded, int64_t c0, int64_t c1) {
   const Frame f = frame_of(s);
-  const int64_t plane = (f.Hp + 1) * f.Wp;
+  const int64_t plane = f.plane();
   run_with_isa([&]() CNNBP_LAMBDA_INLINE {
     for (int64_t c = c0; c < c1; ++c) {
       T* pc = padded + (c - c0) * plane;
@@ -222,8 +229,7 @@ void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded
       for (int64_t t = (s.pt + s.H) * f.Wp; t < plane; ++t) pc[t] = T(0);
     }
     for (int64_t r = 0; r < (c1 - c0) * s.KH * s.KW; ++r) {
-      const int64_t c = r / (s.KH * s.KW), m = (r / s.KW) % s.KH, q = r % s.KW;  // c counted from c0
-      const T* src = padded + c * plane + m * s.dh * f.Wp + q * s.dw;
+      const T* src = padded + frame_row_offset(s, f, r);  // row r's channel counted from c0
       T* dst = col + r * ld;
       for (int64_t p = 0; p < f.P; ++p) dst[p] = src[p];
     }
@@ -240,12 +246,11 @@ void im2col_frame(const T* in, T* col, int64_t ld, const ConvShape& s, T* padded
 template <typename T>
 void col2im_frame(const T* col, int64_t ld, T* grad_in, const ConvShape& s, T* padded, int64_t c0, int64_t c1) {
   const Frame f = frame_of(s);
-  const int64_t plane = (f.Hp + 1) * f.Wp, KHW = s.KH * s.KW;
+  const int64_t plane = f.plane(), KHW = s.KH * s.KW;
   run_with_isa([&]() CNNBP_LAMBDA_INLINE {
     for (int64_t t = 0; t < (c1 - c0) * plane; ++t) padded[t] = T(0);
     for (int64_t r = 0; r < (c1 - c0) * KHW; ++r) {
-      const int64_t c = r / KHW, m = (r / s.KW) % s.KH, q = r % s.KW;  // c counted from c0
-      T* dst = padded + c * plane + m * s.dh * f.Wp + q * s.dw;
+      T* dst = padded + frame_row_offset(s, f, r);  // row r's channel counted from c0
       const T* src = col + r * ld;
       for (int64_t p = 0; p < f.P; ++p) dst[p] += src[p];
     }
@@ -349,10 +354,9 @@ struct Plan {
 };
 
 // A column buffer holds at most this many elements per thread: 2^16 (256 KiB in float32), more
-// for layers with much data (up to 2^18 where an eighth of the inputs and outputs is that large),
-// so that the buffers stay small next to the tensors the call has anyway.
-int64_t column_budget(const ConvShape& s) {
-  const int64_t data = s.N * (s.C * s.in_plane() + s.K * s.out_plane());
+// for layers with much data (up to 2^18 where an eighth of the inputs and outputs, `data`
+// elements, is that large), so that the buffers stay small next to the tensors the call has anyway.
+int64_t column_budget(int64_t data) {
   return std::clamp<int64_t>(data / 8, int64_t(1) << 16, int64_t(1) << 18);
 }
 
@@ -364,14 +368,15 @@ Plan plan_batches(const ConvShape& s, bool backward) {
   const int64_t threads = at::get_num_threads();
   const int64_t P = std::max<int64_t>(1, s.out_plane()), KHW = s.KH * s.KW;
   const int64_t Cg = std::max<int64_t>(1, s.Cg()), rows = Cg * KHW;
-  const int64_t work = s.N * s.K * P * rows;  // multiply-adds
-  const int64_t budget = column_budget(s);
+  const int64_t work = s.N * s.K * P * rows;                     // multiply-adds
+  const int64_t data = s.N * (s.C * s.in_plane() + s.K * P);   // input and output elements
+  const int64_t budget = column_budget(data);
   bool chunk = threads > 1 && s.N >= threads && work >= (int64_t(1) << 20);
   // A partial ∂E/∂W per thread beyond the first is as large as the weight. Where that is more than
   // an eighth of the data (256→256 3×3 at 14×14 and batch 8: 590K weights, 803K inputs and outputs),
   // the threads share channel blocks instead.
   if (backward && chunk && s.Cg() >= threads &&
-      (threads - 1) * s.K * rows * 8 > s.N * (s.C * s.in_plane() + s.K * P))
+      (threads - 1) * s.K * rows * 8 > data)
     chunk = false;
   Plan p;
   p.chunks = chunk ? threads : 1;
@@ -441,9 +446,11 @@ const T* gather_delta(const T* grad_output, const ConvShape& s, int64_t n, int64
 // δ of samples [n, n + b), group g, in frames: Kg × b·OH·Wp, output row i of sample j at column
 // j·OH·Wp + i·Wp, zeros in the columns j ≥ OW of each row.
 template <typename T>
-void gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* pack) {
+const T* gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n, int64_t b, int64_t g, T* pack,
+                             int64_t& ld) {
   const Frame f = frame_of(s);
-  const int64_t P = s.out_plane(), ld = b * f.P;
+  const int64_t P = s.out_plane();
+  ld = b * f.P;
   for (int64_t k = 0; k < s.Kg(); ++k)
     for (int64_t j = 0; j < b; ++j) {
       const T* src = grad_output + ((n + j) * s.K + g * s.Kg() + k) * P;
@@ -453,6 +460,7 @@ void gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n, in
         std::fill(dst + i * f.Wp + s.OW, dst + (i + 1) * f.Wp, T(0));
       }
     }
+  return pack;
 }
 
 // ---- depthwise: one input channel per group ---------------------------------------------------
@@ -639,7 +647,7 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
       std::vector<T> col(split_positions || (direct && plan.block == 1) ? 0
                          : block_rows * (plan.block > 1 ? plan.block * width : plan.tile));
       std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * width : 0);
-      std::vector<T> padded(frames ? plan.cblock * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0);
+      std::vector<T> padded(frames ? plan.cblock * frame_of(s).plane() : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
@@ -745,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
       // Frames for blocks of samples (stride 1, small images), when the weight is finite.
       const bool frames = plan.block > 1 && use_frames(s) && all_finite(w, s.K * rows);
       const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
-      const int64_t pad_size = frames ? plan.cblock * (frame_of(s).Hp + 1) * frame_of(s).Wp : 0;
+      const int64_t pad_size = frames ? plan.cblock * frame_of(s).plane() : 0;
       const int64_t cblock = plan.cblock;
       const int64_t nblk = blocks_of(s.Cg(), cblock), block_rows = cblock * KHW;
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
@@ -767,11 +775,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
             // add nothing: ∂col's are Wᵀ · 0 (a finite weight), ∂E/∂W's are 0 · input (finite).
             const bool framed = nb > 1 && frames && (!want_w || all_finite(in_ng, nb, s));
             int64_t ldd;
-            const T* dg = pack.data();
-            if (framed)
-              gather_delta_frames(d, s, n, nb, g, pack.data()), ldd = nb * width;
-            else
-              dg = gather_delta(d, s, n, nb, g, pack.data(), ldd);
+            const T* dg = framed ? gather_delta_frames(d, s, n, nb, g, pack.data(), ldd)
+                                 : gather_delta(d, s, n, nb, g, pack.data(), ldd);
             const bool direct = s.col_is_input() && nb == 1;  // col is the input itself
             // channel blocks [k0, k1), rows r0 … r1 − 1 each
             auto channel_blocks = [&](int64_t k0, int64_t k1, T* buf, T* pad) {
@@ -796,29 +801,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                       }
                     }
                   }
-                } else if (framed) {  // a block of samples side by side, in frames
-                  const int64_t ld = nb * width;
+                } else {  // a block of samples side by side, in frames or unrolled as they are
+                  const int64_t step = framed ? width : P, ld = nb * step;  // columns per sample, all
                   if (want_w) {
-                    for (int64_t j = 0; j < nb; ++j)
-                      im2col_frame(in_ng + j * s.C * s.in_plane(), buf + j * width, ld, s, pad, c0, c1);
+                    for (int64_t j = 0; j < nb; ++j) {
+                      const T* in_j = in_ng + j * s.C * s.in_plane();
+                      if (framed)
+                        im2col_frame(in_j, buf + j * step, ld, s, pad, c0, c1);
+                      else
+                        im2col(in_j, buf + j * step, ld, s, int64_t(0), P, r0, r0 + nr);
+                    }
                     gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, true, gw_g + r0, rows);
                   }
                   if (want_in) {
                     gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
-                    for (int64_t j = 0; j < nb; ++j)
-                      col2im_frame(buf + j * width, ld, gin_ng + j * s.C * s.in_plane(), s, pad, c0, c1);
-                  }
-                } else {  // a block of samples side by side
-                  const int64_t ld = nb * P;
-                  if (want_w) {
-                    for (int64_t j = 0; j < nb; ++j)
-                      im2col(in_ng + j * s.C * s.in_plane(), buf + j * P, ld, s, int64_t(0), P, r0, r0 + nr);
-                    gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, true, gw_g + r0, rows);
-                  }
-                  if (want_in) {
-                    gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
-                    for (int64_t j = 0; j < nb; ++j)
-                      col2im(buf + j * P, ld, gin_ng + j * s.C * s.in_plane(), s, int64_t(0), P, c0, c1);
+                    for (int64_t j = 0; j < nb; ++j) {
+                      T* gin_j = gin_ng + j * s.C * s.in_plane();
+                      if (framed)
+                        col2im_frame(buf + j * step, ld, gin_j, s, pad, c0, c1);
+                      else
+                        col2im(buf + j * step, ld, gin_j, s, int64_t(0), P, c0, c1);
+                    }
                   }
                 }
               }
