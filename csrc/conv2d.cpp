@@ -33,6 +33,8 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace cnnbp {
@@ -466,11 +468,116 @@ const T* gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n
 // ---- depthwise: one input channel per group ---------------------------------------------------
 // With C / groups = 1 each product above would be a sliver (Kg × KH·KW × P); direct loops along
 // the output rows are faster. The same three equations, per plane.
+//
+// The forward and δ_in are row sums:
+//   out[j] = init + Σ over source rows r, then taps q, of wr[q] · src_r[j·step + off_q],
+// with a tap left out where it reads outside its row. (A padded zero adds w · 0 = ±0, nothing,
+// unless w is inf or NaN: then the term is NaN, as native's float64 computes it. Such outputs are
+// set to NaN after the row sums; ∂E/∂W does the same for a non-finite δ over the padding.)
+// Columns where every tap is inside (the interior) run in blocks of kDwLanes whose sums stay in
+// registers across all the taps, so each output is stored once; the last block overlaps the one
+// before it rather than running short (it recomputes those columns to the same values). The
+// few edge columns keep one sum each in a register; interiors narrower than a block add tap by
+// tap along the whole row. Every way, an output gets init first, then its taps in (r, q) order.
 
+template <typename T>
+constexpr int kDwLanes = 128 / sizeof(T);  // two 512-bit vectors (four 256-bit)
+
+struct DwRow {
+  int64_t len;      // outputs in the row
+  int64_t step;     // source columns per output (the stride; 1 for δ_in)
+  int64_t taps;     // taps per source row
+  const int64_t* off;  // off[q]: source column of output 0, tap q (may be outside the row)
+  const Range* valid;  // valid[q]: the outputs whose tap q is inside the source row
+  Range interior;      // the outputs whose taps are all inside
+  const int64_t* wq;   // wq[q]: tap q's column in a weight row
+};
+
+template <typename T>
+CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
+                                           const DwRow& r, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) out[j] = init;
+  for (int64_t t = 0; t < nrows; ++t) {
+    for (int64_t q = 0; q < r.taps; ++q) {
+      const T wv = wr[t][r.wq[q]];
+      const T* sq = src[t] + r.off[q];
+      const int64_t lo = std::max(j0, r.valid[q].lo), hi = std::min(j1, r.valid[q].hi);
+      if (r.step == 1) {
+        for (int64_t j = lo; j < hi; ++j) out[j] += wv * sq[j];
+      } else {
+        for (int64_t j = lo; j < hi; ++j) out[j] += wv * sq[j * r.step];
+      }
+    }
+  }
+}
+
+template <typename T>
+CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
+                                const DwRow& r) {
+  constexpr int V = kDwLanes<T>;
+  const int64_t lo = r.interior.lo, hi = r.interior.hi;
+  if (hi - lo < V) {
+    dw_row_tap_by_tap(out, init, src, wr, nrows, r, 0, r.len);
+    return;
+  }
+  // the edge columns (a few): one sum in a register each
+  auto column = [&](int64_t j) CNNBP_LAMBDA_INLINE {
+    T acc = init;
+    for (int64_t t = 0; t < nrows; ++t)
+      for (int64_t q = 0; q < r.taps; ++q)
+        if (j >= r.valid[q].lo && j < r.valid[q].hi) acc += wr[t][r.wq[q]] * src[t][j * r.step + r.off[q]];
+    out[j] = acc;
+  };
+  for (int64_t j = 0; j < lo; ++j) column(j);
+  for (int64_t j = hi; j < r.len; ++j) column(j);
+  constexpr int L = kLanes64<T>;  // V = 2·L
+  for (int64_t j0 = lo;; j0 += V) {
+    j0 = std::min(j0, hi - V);
+    Vec64<T> a0 = splat64(init), a1 = a0;
+    for (int64_t t = 0; t < nrows; ++t) {
+      for (int64_t q = 0; q < r.taps; ++q) {
+        const Vec64<T> wv = splat64(wr[t][r.wq[q]]);
+        const T* sq = src[t] + r.off[q] + j0 * r.step;
+        a0 += wv * load64_step(sq, r.step);
+        a1 += wv * load64_step(sq + L * r.step, r.step);
+      }
+    }
+    store64(out + j0, a0);
+    store64(out + j0 + L, a1);
+    if (j0 + V >= hi) break;
+  }
+}
+
+// The column geometry of a depthwise row: tap u (weight column wq[u] = q0 + u·q_step) of output
+// j reads source column j·step + first + u·tap_step.
+struct DwColumns {
+  std::vector<int64_t> off, wq;
+  std::vector<Range> valid;
+  DwRow row;
+  DwColumns(int64_t len, int64_t src_len, int64_t step, int64_t taps, int64_t first, int64_t tap_step,
+            int64_t q0 = 0, int64_t q_step = 1)
+      : off(taps), wq(taps), valid(taps) {
+    Range in{0, len};
+    for (int64_t u = 0; u < taps; ++u) {
+      off[u] = first + u * tap_step;
+      wq[u] = q0 + u * q_step;
+      valid[u] = valid_range(len, src_len, step, off[u]);
+      in.lo = std::max(in.lo, valid[u].lo);
+      in.hi = std::min(in.hi, valid[u].hi);
+    }
+    in.hi = std::max(in.lo, in.hi);
+    row = DwRow{len, step, taps, off.data(), valid.data(), in, wq.data()};
+  }
+};
+
+// x[n, k, i, :] = b[k] + Σ_m Σ_q w[k, m, q] · o[n, c, i·sh + m·dh − pt, · ], split over planes.
 template <typename T>
 void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
+  const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
+  const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+    std::vector<const T*> src(s.KH), wr(s.KH);
     run_with_isa([&]() CNNBP_LAMBDA_INLINE {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
@@ -478,20 +585,25 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
         for (int64_t kk = 0; kk < Kg; ++kk) {
           const int64_t k = c * Kg + kk;
           T* o = out + (n * s.K + k) * P;
-          std::fill(o, o + P, b ? b[k] : T(0));
-          for (int64_t m = 0; m < s.KH; ++m) {
-            const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
-            for (int64_t q = 0; q < s.KW; ++q) {
-              const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-              const T wv = w[(k * s.KH + m) * s.KW + q];
-              for (int64_t i = ri.lo; i < ri.hi; ++i) {
-                const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-                T* dst = o + i * s.OW;
-                if (s.sw == 1) {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j];
-                } else {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j * s.sw];
-                }
+          for (int64_t i = 0; i < s.OH; ++i) {
+            int64_t rows = 0;  // the window rows inside the image
+            for (int64_t m = 0; m < s.KH; ++m) {
+              const int64_t h = i * s.sh + m * s.dh - s.pt;
+              if (h < 0 || h >= s.H) continue;
+              src[rows] = plane + h * s.W;
+              wr[rows++] = w + (k * s.KH + m) * s.KW;
+            }
+            dw_row(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row);
+          }
+          if (!finite_w) {
+            for (int64_t m = 0; m < s.KH; ++m) {
+              const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+              for (int64_t q = 0; q < s.KW; ++q) {
+                if (std::isfinite(w[(k * s.KH + m) * s.KW + q])) continue;
+                const Range rj = cols.valid[q];
+                for (int64_t i = 0; i < s.OH; ++i)
+                  for (int64_t j = 0; j < s.OW; ++j)
+                    if (i < ri.lo || i >= ri.hi || j < rj.lo || j >= rj.hi) o[i * s.OW + j] = NAN;
               }
             }
           }
@@ -501,32 +613,60 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   });
 }
 
+// δ_in[n, c, h, v] = Σ over the k of c, m, q of w[k, m, q] · δ[n, k, i, j] at the output (i, j)
+// with i·sh + m·dh − pt = h and j·sw + q·dw − pl = v: a row sum per input row (a gather: each input
+// written once, its terms added in (k, m, q) order). With a column stride, the input columns of one
+// phase r (v = r, r + sw, …) share their taps: q·dw ≡ r + pl (mod sw), reading output columns
+// l + (r + pl − q·dw) / sw for the phase's l-th column. Those taps are q0, q0 + sw/g, … (g = gcd(sw, dw)).
 template <typename T>
 void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
+  const int64_t g = std::gcd(s.sw, s.dw);
+  std::vector<DwColumns> phases;
+  for (int64_t r = 0; r < std::min(s.sw, s.W); ++r) {
+    int64_t q0 = 0;
+    while (q0 < s.KW && (r + s.pl - q0 * s.dw) % s.sw != 0) ++q0;
+    const int64_t taps = q0 < s.KW ? (s.KW - 1 - q0) / (s.sw / g) + 1 : 0;
+    const int64_t len = (s.W - r + s.sw - 1) / s.sw;
+    phases.emplace_back(len, s.OW, 1, taps, q0 < s.KW ? (r + s.pl - q0 * s.dw) / s.sw : 0, -(s.dw / g), q0, s.sw / g);
+  }
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+    std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
+    std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
     run_with_isa([&]() CNNBP_LAMBDA_INLINE {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
         T* plane = gin + p * s.in_plane();
-        for (int64_t kk = 0; kk < Kg; ++kk) {
-          const int64_t k = c * Kg + kk;
-          const T* dk = d + (n * s.K + k) * P;
-          for (int64_t m = 0; m < s.KH; ++m) {
-            const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
-            for (int64_t q = 0; q < s.KW; ++q) {
-              const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-              const T wv = w[(k * s.KH + m) * s.KW + q];
-              for (int64_t i = ri.lo; i < ri.hi; ++i) {
-                T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-                const T* src = dk + i * s.OW;
-                if (s.sw == 1) {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j] += wv * src[j];
-                } else {
-                  for (int64_t j = rj.lo; j < rj.hi; ++j) dst[j * s.sw] += wv * src[j];
-                }
-              }
+        for (int64_t h = 0; h < s.H; ++h) {
+          int64_t rows = 0;  // the (k, m) whose output row reads input row h
+          for (int64_t kk = 0; kk < Kg; ++kk) {
+            const int64_t k = c * Kg + kk;
+            for (int64_t m = 0; m < s.KH; ++m) {
+              const int64_t at = h + s.pt - m * s.dh;
+              if (at < 0 || at % s.sh != 0 || at / s.sh >= s.OH) continue;
+              src[rows] = d + (n * s.K + k) * P + (at / s.sh) * s.OW;
+              wr[rows++] = w + (k * s.KH + m) * s.KW;
             }
+          }
+          if (s.sw == 1) {
+            dw_row(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row);
+            continue;
+          }
+          const int64_t len0 = phases[0].row.len;
+          for (int64_t r = 0; r < int64_t(phases.size()); ++r)
+            dw_row(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row);
+          T* dst = plane + h * s.W;
+          if (s.sw == 2) {  // interleave the two phases (phase 1 is one shorter for an odd W)
+            const T* r0 = row.data();
+            const T* r1 = r0 + len0;
+            const int64_t pairs = s.W / 2;
+            for (int64_t l = 0; l < pairs; ++l) {
+              dst[2 * l] = r0[l];
+              dst[2 * l + 1] = r1[l];
+            }
+            if (s.W % 2) dst[s.W - 1] = r0[pairs];
+          } else {
+            for (int64_t v = 0; v < s.W; ++v) dst[v] = row[(v % s.sw) * len0 + v / s.sw];
           }
         }
       }
@@ -534,45 +674,198 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   });
 }
 
-// acc[j] += d[j] · x[j · sw] for j in [lo, hi): one running sum per output column, so the loop
-// vectorises along the row without reassociating a sum. The caller adds acc up once, in column
-// order, after the last row.
-template <typename T>
-CNNBP_ALWAYS_INLINE void accumulate_row(const T* d, const T* x, int64_t lo, int64_t hi, int64_t sw, T* acc) {
-  if (sw == 1) {
-    for (int64_t j = lo; j < hi; ++j) acc[j] += d[j] * x[j];
-  } else {
-    for (int64_t j = lo; j < hi; ++j) acc[j] += d[j] * x[j * sw];
+// ∂E/∂W[k, m, q] = Σ_n Σ_i Σ_j δ[n, k, i, j] · o[n, c, i·sh + m·dh − pt, j·sw + q·dw − pl], split
+// over output channels k: each thread owns k's weights and sums over the whole batch in a fixed
+// order. Each output column j keeps its own running sum over (n, i), so that the loops vectorise
+// along the row without reassociating a sum, and the column sums are added up once, in column
+// order, at the end. The rows are taken in bands small enough that a band's rows of δ and o stay
+// in the L1 cache while every tap (m, q) passes over them. Within a band the interior columns
+// (every tap of the window row inside the image) run in blocks of 64 bytes whose sums for up to
+// three taps stay in registers across the rows; the edge columns keep one sum per tap in a
+// register each. Narrow rows (no block fits) accumulate tap by tap along the row. Every way, a
+// column's sum is taken over (n, i) in order.
+
+// Blocks of 64 bytes of columns at j0 (and, with BLK = 2, j1), taps [q0, q0 + QB) of window row m,
+// rows [i0, i1) of sample n: acc[t · ld + j] += Σ_i δ[n, k, i, j] · o[…], in registers. The first
+// `skip` columns of a single block are left as they are (a last block that overlaps the one before).
+template <int QB, int BLK, typename T>
+CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
+                                          int64_t i1, int64_t q0, int64_t j0, int64_t j1, T* acc_out, int64_t ld,
+                                          int64_t skip = 0) {
+  Vec64<T> acc[BLK][QB];
+  const int64_t js[2] = {j0, j1};
+  if (BLK == 1 && skip > 0) {
+    typename Vec64Of<T>::index keep;
+    for (int l = 0; l < kLanes64<T>; ++l) keep[l] = l < skip ? 0 : -1;
+    const Vec64<T> zero = splat64(T(0));
+    for (int t = 0; t < QB; ++t) acc[0][t] = load64(acc_out + t * ld + j0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl + j0 * s.sw;
+      const Vec64<T> dv = load64(dk + i * s.OW + j0);
+      for (int t = 0; t < QB; ++t) {
+        const Vec64<T> term = dv * load64_step(x + t * s.dw, s.sw);
+        acc[0][t] += keep ? term : zero;
+      }
+    }
+    // (the skipped columns got + 0 above: their values are unchanged, the sign of a zero aside)
+    for (int t = 0; t < QB; ++t) store64(acc_out + t * ld + j0, acc[0][t]);
+    return;
   }
+#pragma GCC unroll 2
+  for (int b = 0; b < BLK; ++b)
+#pragma GCC unroll 3
+    for (int t = 0; t < QB; ++t) acc[b][t] = load64(acc_out + t * ld + js[b]);
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl;
+#pragma GCC unroll 2
+    for (int b = 0; b < BLK; ++b) {
+      const Vec64<T> dv = load64(dk + i * s.OW + js[b]);
+#pragma GCC unroll 3
+      for (int t = 0; t < QB; ++t) acc[b][t] += dv * load64_step(x + js[b] * s.sw + t * s.dw, s.sw);
+    }
+  }
+#pragma GCC unroll 2
+  for (int b = 0; b < BLK; ++b)
+#pragma GCC unroll 3
+    for (int t = 0; t < QB; ++t) store64(acc_out + t * ld + js[b], acc[b][t]);
 }
 
-// Split over output channels k: each thread owns k's weights and sums over the whole batch in a
-// fixed order.
+// Column j, taps [q0, q0 + QB), the same rows: one sum per tap in a register. A tap that falls
+// outside the row for this column reads a column inside it instead, and its sum is not kept.
+template <int QB, typename T>
+CNNBP_ALWAYS_INLINE void dw_weight_column(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
+                                          int64_t i1, int64_t q0, int64_t j, T* acc_out, int64_t ld) {
+  int64_t col[QB];
+  bool inside[QB];
+  T acc[QB];
+  for (int t = 0; t < QB; ++t) {
+    const int64_t v = j * s.sw + (q0 + t) * s.dw - s.pl;
+    inside[t] = v >= 0 && v < s.W;
+    col[t] = std::min(std::max<int64_t>(v, 0), s.W - 1);
+    acc[t] = acc_out[t * ld + j];
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W;
+    const T dv = dk[i * s.OW + j];
+    for (int t = 0; t < QB; ++t) acc[t] += dv * x[col[t]];
+  }
+  for (int t = 0; t < QB; ++t)
+    if (inside[t]) acc_out[t * ld + j] = acc[t];
+}
+
+// Whether δ[·, k] is finite outside the rows ri or the columns rj: where tap (m, q) with those
+// valid ranges reads the zero padding. (Where it is not, the padding's term δ · 0 is NaN, and so
+// is the tap's gradient.)
+template <typename T>
+CNNBP_ALWAYS_INLINE bool finite_over_padding(const T* d, const ConvShape& s, int64_t k, const Range& ri, const Range& rj) {
+  bool ok = true;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const T* dk = d + (n * s.K + k) * s.out_plane();
+    for (int64_t i = 0; i < s.OH; ++i) {
+      const T* row = dk + i * s.OW;
+      const bool whole = i < ri.lo || i >= ri.hi;
+      for (int64_t j = 0; j < (whole ? s.OW : rj.lo); ++j) ok &= std::abs(row[j]) <= std::numeric_limits<T>::max();
+      for (int64_t j = whole ? s.OW : rj.hi; j < s.OW; ++j) ok &= std::abs(row[j]) <= std::numeric_limits<T>::max();
+    }
+  }
+  return ok;
+}
+
+// Runs f.template operator()<QB>(q0) over the taps of a window row in groups of up to three.
+template <typename F>
+CNNBP_ALWAYS_INLINE void for_tap_groups(int64_t taps, const F& f) {
+  int64_t q = 0;
+  for (; q + 3 <= taps; q += 3) f(std::integral_constant<int, 3>(), q);
+  for (; q < taps; ++q) f(std::integral_constant<int, 1>(), q);
+}
+
 template <typename T>
 void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
+  constexpr int V = kLanes64<T>;
   const int64_t Kg = s.Kg(), P = s.out_plane();
-  at::parallel_for(0, s.K, grain_for(s.N * P * s.KH * s.KW), [&](int64_t k0, int64_t k1) {
-    std::vector<T> acc(s.OW);
+  const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
+  const Range interior = cols.row.interior;
+  const bool blocks = interior.hi - interior.lo >= V;
+  // Block starts: every V columns of the interior. A last block that would run short starts V
+  // before the interior's end instead, overlapping its neighbour, and skips the columns it shares.
+  std::vector<int64_t> starts;
+  int64_t tail_skip = 0;
+  for (int64_t j0 = interior.lo; blocks && j0 < interior.hi; j0 += V) {
+    if (j0 + V > interior.hi) {
+      tail_skip = j0 - (interior.hi - V);
+      j0 = interior.hi - V;
+    }
+    starts.push_back(j0);
+  }
+  // (a skipping block runs alone, after its neighbour has stored its sums)
+  const size_t paired = tail_skip > 0 ? (starts.size() - 1) / 2 * 2 : starts.size() / 2 * 2;
+  Range rows_inside{0, s.OH};  // the output rows whose window rows are all inside the image
+  for (int64_t m = 0; m < s.KH; ++m) {
+    const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+    rows_inside = Range{std::max(rows_inside.lo, ri.lo), std::min(rows_inside.hi, ri.hi)};
+  }
+  rows_inside.hi = std::max(rows_inside.lo, rows_inside.hi);
+  // Output rows per band: its rows of δ and the input rows they read, about 16 KiB.
+  const int64_t band = std::max<int64_t>(1, 16384 / int64_t(sizeof(T) * (s.OW + s.sh * s.W)));
+  const int64_t KHW = s.KH * s.KW;
+  at::parallel_for(0, s.K, grain_for(s.N * P * KHW), [&](int64_t k0, int64_t k1) {
+    std::vector<T> acc(KHW * s.OW);  // acc[(m · KW + q) · OW + j]: column j's sum for tap (m, q)
     run_with_isa([&]() CNNBP_LAMBDA_INLINE {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t c = k / Kg;
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T* plane = in + (n * s.C + c) * s.in_plane();
+          const T* dk = d + (n * s.K + k) * P;
+          for (int64_t b0 = 0; b0 < s.OH; b0 += band) {
+            const int64_t b1 = std::min(s.OH, b0 + band);
+            for (int64_t m = 0; m < s.KH; ++m) {
+              const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
+              const int64_t i0 = std::max(b0, ri.lo), i1 = std::min(b1, ri.hi);
+              if (i0 >= i1) continue;
+              T* am = acc.data() + m * s.KW * s.OW;
+              if (blocks) {
+                for_tap_groups(s.KW, [&](auto qb, int64_t q0) CNNBP_LAMBDA_INLINE {
+                  constexpr int QB = decltype(qb)::value;
+                  T* a = am + q0 * s.OW;
+                  size_t u = 0;
+                  for (; u < paired; u += 2)
+                    dw_weight_blocks<QB, 2>(plane, dk, s, m, i0, i1, q0, starts[u], starts[u + 1], a, s.OW);
+                  for (; u < starts.size(); ++u)
+                    dw_weight_blocks<QB, 1>(plane, dk, s, m, i0, i1, q0, starts[u], 0, a, s.OW,
+                                            u + 1 == starts.size() ? tail_skip : 0);
+                  for (int64_t j = 0; j < interior.lo; ++j) dw_weight_column<QB>(plane, dk, s, m, i0, i1, q0, j, a, s.OW);
+                  for (int64_t j = interior.hi; j < s.OW; ++j) dw_weight_column<QB>(plane, dk, s, m, i0, i1, q0, j, a, s.OW);
+                });
+              } else {
+                for (int64_t q = 0; q < s.KW; ++q) {
+                  const Range rj = cols.valid[q];
+                  T* a = am + q * s.OW;
+                  for (int64_t i = i0; i < i1; ++i) {
+                    const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+                    const T* dr = dk + i * s.OW;
+                    if (s.sw == 1) {
+                      for (int64_t j = rj.lo; j < rj.hi; ++j) a[j] += dr[j] * src[j];
+                    } else {
+                      for (int64_t j = rj.lo; j < rj.hi; ++j) a[j] += dr[j] * src[j * s.sw];
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+        // δ finite on the border that any tap reads over the padding: every tap's term there is 0.
+        const bool border_finite = finite_over_padding(d, s, k, rows_inside, interior);
         for (int64_t m = 0; m < s.KH; ++m) {
           const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
           for (int64_t q = 0; q < s.KW; ++q) {
-            const Range rj = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
-            std::fill(acc.begin(), acc.end(), T(0));
-            for (int64_t n = 0; n < s.N; ++n) {
-              const T* plane = in + (n * s.C + c) * s.in_plane();
-              const T* dk = d + (n * s.K + k) * P;
-              for (int64_t i = ri.lo; i < ri.hi; ++i) {
-                const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-                const T* dr = dk + i * s.OW;
-                accumulate_row(dr, src, rj.lo, rj.hi, s.sw, acc.data());
-              }
-            }
+            const Range rj = cols.valid[q];
+            const T* a = acc.data() + (m * s.KW + q) * s.OW;
             double sum = 0;
-            for (int64_t j = rj.lo; j < rj.hi; ++j) sum += acc[j];
-            gw[(k * s.KH + m) * s.KW + q] = static_cast<T>(sum);
+            for (int64_t j = rj.lo; j < rj.hi; ++j) sum += a[j];
+            const bool finite = border_finite || finite_over_padding(d, s, k, ri, rj);
+            gw[(k * s.KH + m) * s.KW + q] = finite ? static_cast<T>(sum) : T(NAN);
           }
         }
       }
@@ -731,12 +1024,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const at::Tensor input = prepared(input_), weight = prepared(weight_);
   const auto type = input_.scalar_type();
   const bool want_in = output_mask[0], want_w = output_mask[1];
-  at::Tensor grad_input = want_in ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : at::Tensor();
+  const bool runs = (want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0;
+  // The depthwise loops write every element of δ_in; the products add into it.
+  at::Tensor grad_input = !want_in                   ? at::Tensor()
+                          : runs && s.Cg() == 1 ? at::empty({s.N, s.C, s.H, s.W}, input.options())
+                                                : at::zeros({s.N, s.C, s.H, s.W}, input.options());
   const Plan plan = plan_batches(s, true);
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
   at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
 
-  if ((want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0) {
+  if (runs) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward", [&] {
       using T = scalar_t;
       const T* in = input.const_data_ptr<T>();

@@ -7,6 +7,7 @@
 // portable path can be tested on any machine.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -89,6 +90,60 @@ void run_with_isa(const F& f, Isa best = Isa::avx512) {
   }
 #endif
   run_portable(f);
+}
+
+// ---- fixed-width vectors for register-blocked loops ----------------------------------------------
+// Vec64<T>: 64 bytes of T as a GCC vector: one 512-bit register, two 256-bit or four 128-bit ones,
+// whichever the enclosing function is compiled for. Loops that keep sums across runtime-bounded
+// loops use these rather than arrays, which the compiler would keep on the stack.
+template <typename T>
+struct Vec64Of;
+template <>
+struct Vec64Of<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t index __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64Of<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t index __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec64 = typename Vec64Of<T>::type;
+template <typename T>
+constexpr int kLanes64 = 64 / sizeof(T);
+
+template <typename T>
+CNNBP_ALWAYS_INLINE Vec64<T> load64(const T* p) {
+  Vec64<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+CNNBP_ALWAYS_INLINE void store64(T* p, const Vec64<T>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename T>
+CNNBP_ALWAYS_INLINE Vec64<T> splat64(T x) {
+  Vec64<T> v = {};
+  return v + x;
+}
+
+// p[0], p[step], p[2·step], …: reads nothing past the last of them.
+template <typename T>
+CNNBP_ALWAYS_INLINE Vec64<T> load64_step(const T* p, int64_t step) {
+  constexpr int L = kLanes64<T>;
+  if (step == 1) return load64(p);
+  if (step == 2) {  // the even lanes of p[0, L) and of p[L − 1, 2L − 1)
+    typename Vec64Of<T>::index even;
+    for (int l = 0; l < L; ++l) even[l] = l < L / 2 ? 2 * l : L + 2 * (l - L / 2) + 1;
+    return __builtin_shuffle(load64(p), load64(p + L - 1), even);
+  }
+  Vec64<T> v;
+  for (int l = 0; l < L; ++l) v[l] = p[l * step];
+  return v;
 }
 
 }  // namespace cnnbp

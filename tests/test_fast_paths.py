@@ -544,16 +544,40 @@ DEPTHWISE_CASES = [
 ODD_WIDTHS = tuple(range(1, 38, 2))
 
 
+# The depthwise rows run in register blocks of two 64-byte vectors (forward, δ_in: 32 float / 16
+# double outputs) and ∂E/∂W in blocks of one (16 / 8 columns), paired, the last block overlapping its
+# neighbour; the edge columns and rows narrower than a block take other loops. Widths 1 … 83 put
+# the interior below, on and past one, two and several blocks in both dtypes. δ_in with a column
+# stride gathers each stride phase separately (interleaved at stride 2, and with dilation the taps
+# of a phase step by sw / gcd(sw, dw)).
+DEPTHWISE_WIDTHS = {torch.float64: tuple(range(1, 38, 2)), torch.float32: tuple(range(1, 84, 2))}
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 @pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=case_id)
-def test_depthwise_every_odd_width(case):
+def test_depthwise_every_odd_width(case, dtype):
     name, mult, (kh, kw_), bias, kw = case
     C = 3
-    for W in ODD_WIDTHS:
+    for W in DEPTHWISE_WIDTHS[dtype]:
         x_shape, w_shape = (2, C, 5, W), (C * mult, 1, kh, kw_)
         assert conv_plan(x_shape, w_shape, 2, groups=C, **kw).depthwise
-        run_conv_case(x_shape, w_shape, bias, dict(groups=C, **kw), torch.float64, msg=f"{name}, W={W}")
+        run_conv_case(x_shape, w_shape, bias, dict(groups=C, **kw), dtype, msg=f"{name}, W={W}")
     # batch 0
-    run_conv_case((0, C, 5, 9), (C * mult, 1, kh, kw_), bias, dict(groups=C, **kw), torch.float64, msg=f"{name}, N=0")
+    run_conv_case((0, C, 5, 9), (C * mult, 1, kh, kw_), bias, dict(groups=C, **kw), dtype, msg=f"{name}, N=0")
+
+
+# Column strides and dilations whose stride phases take different tap sets in δ_in: gcd(sw, dw) = 1
+# (every phase one tap of three) and > 1 (phases with no tap at all: their inputs get no gradient).
+@pytest.mark.parametrize("stride, dilation, padding", [(2, 1, 1), (3, 2, 2), (2, 2, 2), (4, 2, 0), ((1, 3), (2, 1), (2, 1))],
+                         ids=str)
+def test_depthwise_strided_gather_phases(stride, dilation, padding):
+    pw, dw = (padding[1], dilation[1]) if isinstance(padding, tuple) else (padding, dilation)
+    for W in (1, 2, 7, 8, 33, 34, 70, 71):
+        if W + 2 * pw < 2 * dw + 1:  # no output column
+            continue
+        run_conv_case((2, 4, 9, W), (8, 1, 3, 3), True, dict(groups=4, stride=stride, dilation=dilation,
+                                                             padding=padding), torch.float32,
+                      msg=f"stride {stride}, dilation {dilation}, padding {padding}, W={W}")
 
 
 @pytest.mark.parametrize("threads", (1, 2))

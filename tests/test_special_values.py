@@ -215,6 +215,67 @@ def test_conv2d_nonfinite_grad_output_over_padding_matches_native_float32(value)
             f"conv2d grad_output {value} over padding, float32", g)
 
 
+# Depthwise (groups = C) runs its own loops: register blocks over the interior columns, other loops
+# at the edges, and the padding's terms (w · 0, δ · 0) added after the fact. Rows wide enough for
+# blocks in every dtype (41 columns), the non-finite values on the border and inside.
+DW_X_SHAPE, DW_W_SHAPE = (2, 3, 6, 41), (6, 1, 3, 3)
+
+
+def depthwise_inputs(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(DW_X_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(DW_W_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(DW_W_SHAPE[0], generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b
+
+
+DW_KWARGS = [dict(padding=1), dict(padding=2, dilation=2, stride=(1, 2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", DW_KWARGS, ids=str)
+@pytest.mark.parametrize("case", list(INPUT_CASES))
+def test_depthwise_nonfinite_input(dtype, kw, case):
+    x, w, b = depthwise_inputs(dtype, seed=6)
+    for (n, c, h, v), value in INPUT_CASES[case]:
+        x[n, c, min(h, 5), v] = value
+    x[1, 2, 3, 0], x[0, 0, 0, 40] = INF, NAN  # on the image's border
+    kw = dict(groups=3, **kw)
+    compare(lambda x, w, b: torch_cnnbp.conv2d(x, w, b, **kw), lambda x, w, b: native_conv2d_ieee(x, w, b, **kw),
+            [x, w, b], dtype, f"depthwise input {case}, {kw}, {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", DW_KWARGS, ids=str)
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_depthwise_nonfinite_weight_over_padding_is_ieee(dtype, kw, case):
+    """A non-finite weight tap over the padding makes the outputs whose window puts it there NaN
+    (0 · inf), as for the other convs (and native float64)."""
+    x, w, b = depthwise_inputs(dtype, seed=7)
+    for (k, c, m, q), value in WEIGHT_CASES[case]:
+        w[k + 2, 0, m, q] = value
+    kw = dict(groups=3, **kw)
+    compare(lambda x, w, b: torch_cnnbp.conv2d(x, w, b, **kw), lambda x, w, b: native_conv2d_ieee(x, w, b, **kw),
+            [x, w, b], dtype, f"depthwise weight {case}, {kw}, {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", DW_KWARGS, ids=str)
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_depthwise_nonfinite_grad_output(dtype, kw, value):
+    """δ non-finite inside and on the border: the weight gradient of a tap that meets it over the
+    padding is NaN (δ · 0), as native float64 computes it."""
+    x, w, b = depthwise_inputs(dtype, seed=8)
+    kw = dict(groups=3, **kw)
+    out_shape = F.conv2d(x.float(), w.float(), groups=3, **{k: v for k, v in kw.items() if k != "groups"}).shape
+    g = torch.randn(out_shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    g[0, 1, 2, 5] = value
+    g[1, 4, -1, -1] = value
+    g[0, 3, 0, 7] = value
+    compare(lambda x, w, b: torch_cnnbp.conv2d(x, w, b, **kw), lambda x, w, b: native_conv2d_ieee(x, w, b, **kw),
+            [x, w, b], dtype, f"depthwise grad_output {value}, {kw}, {dtype}", g)
+
+
 # ---- max_pool2d ---------------------------------------------------------------------------------
 
 POOL_CASES = {
