@@ -204,8 +204,9 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
     }
     T* __restrict__ out_row = out + i * s.OW;
     int64_t* __restrict__ idx_row = idx + i * s.OW;
-    for (int64_t j = 0; j < s.OW; ++j) out_row[j] = static_cast<T>(best[j]);
-    for (int64_t j = 0; j < s.OW; ++j) idx_row[j] = best_at[j];
+    const int64_t OW = s.OW;  // (a local: a store through idx_row could otherwise alias s.OW)
+    for (int64_t j = 0; j < OW; ++j) out_row[j] = static_cast<T>(best[j]);
+    for (int64_t j = 0; j < OW; ++j) idx_row[j] = best_at[j];
   }
 }
 
