@@ -474,11 +474,11 @@ const T* gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n
 // with a tap left out where it reads outside its row. (A padded zero adds w · 0 = ±0, nothing,
 // unless w is inf or NaN: then the term is NaN, as native's float64 computes it. Such outputs are
 // set to NaN after the row sums; ∂E/∂W does the same for a non-finite δ over the padding.)
-// Columns where every tap is inside (the interior) run in blocks of kDwLanes whose sums stay in
-// registers across all the taps, so each output is stored once; the last block overlaps the one
+// Columns where every tap is inside (the interior) run in blocks of kDwLanes (or of half that, for
+// narrower interiors) whose sums stay in registers across all the taps, so each output is stored once; the last block overlaps the one
 // before it rather than running short (it recomputes those columns to the same values). The
-// few edge columns keep one sum each in a register; interiors narrower than a block add tap by
-// tap along the whole row. Every way, an output gets init first, then its taps in (r, q) order.
+// few edge columns keep their sums in registers; interiors narrower than a block add tap by tap
+// along the whole row. Each output's terms are added in an order fixed by the shape alone.
 
 template <typename T>
 constexpr int kDwLanes = 128 / sizeof(T);  // two 512-bit vectors (four 256-bit)
@@ -514,23 +514,42 @@ CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, 
 template <typename T>
 CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
                                 const DwRow& r) {
-  constexpr int V = kDwLanes<T>;
+  constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
-  if (hi - lo < V) {
+  if (hi - lo < L) {
     dw_row_tap_by_tap(out, init, src, wr, nrows, r, 0, r.len);
     return;
   }
-  // the edge columns (a few): one sum in a register each
+  // The edge columns (a few): their taps inside the row are an interval [q0, q1) (the column a
+  // tap reads is linear in q); four running sums in registers, one per source row mod 4, added up
+  // in a fixed order after init.
   auto column = [&](int64_t j) CNNBP_LAMBDA_INLINE {
-    T acc = init;
-    for (int64_t t = 0; t < nrows; ++t)
-      for (int64_t q = 0; q < r.taps; ++q)
-        if (j >= r.valid[q].lo && j < r.valid[q].hi) acc += wr[t][r.wq[q]] * src[t][j * r.step + r.off[q]];
-    out[j] = acc;
+    int64_t q0 = r.taps, q1 = 0;
+    for (int64_t q = 0; q < r.taps; ++q) {
+      if (j >= r.valid[q].lo && j < r.valid[q].hi) q0 = std::min(q0, q), q1 = q + 1;
+    }
+    T acc[4] = {};
+    for (int64_t t = 0; t < nrows; ++t) {
+      const T* row = src[t] + j * r.step;
+      for (int64_t q = q0; q < q1; ++q) acc[t & 3] += wr[t][r.wq[q]] * row[r.off[q]];
+    }
+    out[j] = init + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
   };
   for (int64_t j = 0; j < lo; ++j) column(j);
   for (int64_t j = hi; j < r.len; ++j) column(j);
-  constexpr int L = kLanes64<T>;  // V = 2·L
+  if (hi - lo < 2 * L) {
+    for (int64_t j0 = lo;; j0 += L) {
+      j0 = std::min(j0, hi - L);
+      Vec64<T> a0 = splat64(init);
+      for (int64_t t = 0; t < nrows; ++t) {
+        for (int64_t q = 0; q < r.taps; ++q)
+          a0 += splat64(wr[t][r.wq[q]]) * load64_step(src[t] + r.off[q] + j0 * r.step, r.step);
+      }
+      store64(out + j0, a0);
+      if (j0 + L >= hi) return;
+    }
+  }
+  constexpr int V = kDwLanes<T>;
   for (int64_t j0 = lo;; j0 += V) {
     j0 = std::min(j0, hi - V);
     Vec64<T> a0 = splat64(init), a1 = a0;
