@@ -551,7 +551,33 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       TORCH_CHECK(at >= 0 && at < in_plane, "max_pool2d_backward: index ", at,
                   " is outside the input plane of ", in_plane, " elements");
     };
-    if (cl) {
+    if (cl && N < at::get_num_threads() && in_plane >= 2 * at::get_num_threads() && N * in_plane * C >= 32768) {
+      // Fewer samples than threads: each thread owns a band of input pixels of every sample, zeroes
+      // it, and scans all outputs for the adds that land in it. (A gradient's terms are added in
+      // output order either way.)
+      const int64_t threads = at::get_num_threads();
+      at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t lo = in_plane * t / threads, hi = in_plane * (t + 1) / threads;
+          for (int64_t n = 0; n < N; ++n) {
+            scalar_t* g = gin + n * in_plane * C;
+            std::fill(g + lo * C, g + hi * C, scalar_t(0));
+            for (int64_t ij = 0; ij < out_plane; ++ij) {
+              const int64_t off = (n * out_plane + ij) * C;
+              for (int64_t c = 0; c < C; ++c) {
+                if (d[off + c] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
+                const int64_t at = idx[off + c];
+                if (at < lo || at >= hi) {
+                  check(at);
+                  continue;
+                }
+                g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+              }
+            }
+          }
+        }
+      });
+    } else if (cl) {
       // Split over (sample, block of channels): a block's gradients are written by one thread.
       // Whole samples when there are enough of them, else blocks of 64 channels.
       const int64_t kBlock = N >= at::get_num_threads() ? C : 64;

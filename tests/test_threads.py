@@ -62,11 +62,15 @@ def make_cases(seed=0):
         ((1, 4, 40, 41), dict(kernel_size=2)),
         ((4, 5, 13, 9), dict(kernel_size=(3, 2), stride=1, dilation=2, ceil_mode=True)),
         ((6, 16, 10, 10), dict(kernel_size=3, stride=2, ceil_mode=True)),
+        # channels_last with fewer samples than threads: the backward splits each sample's pixels
+        # into bands, one per thread (overlapping windows: pixels that win several windows)
+        ((1, 16, 48, 45), dict(kernel_size=3, stride=2, padding=1)),
+        ((2, 24, 31, 47), dict(kernel_size=3, stride=1, padding=1)),
     ]
     for i, (xs, kw) in enumerate(pool):
         dtype = (torch.float32, torch.float64, torch.bfloat16, torch.float16)[i % 4]
         x = randn(*xs, dtype=dtype)
-        if i % 2:
+        if i % 2 or i >= 4:
             x = x.contiguous(memory_format=torch.channels_last)
         cases.append((f"max_pool2d {xs} {kw} {dtype}",
                       lambda x, kw=kw: torch_cnnbp.max_pool2d(x, return_indices=True, **kw),
