@@ -495,13 +495,13 @@ struct DwRow {
 
 template <typename T>
 CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
-                                           const DwRow& r, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) out[j] = init;
+                                           const DwRow& r) {
+  for (int64_t j = 0; j < r.len; ++j) out[j] = init;
   for (int64_t t = 0; t < nrows; ++t) {
     for (int64_t q = 0; q < r.taps; ++q) {
       const T wv = wr[t][r.wq[q]];
       const T* sq = src[t] + r.off[q];
-      const int64_t lo = std::max(j0, r.valid[q].lo), hi = std::min(j1, r.valid[q].hi);
+      const int64_t lo = r.valid[q].lo, hi = r.valid[q].hi;
       if (r.step == 1) {
         for (int64_t j = lo; j < hi; ++j) out[j] += wv * sq[j];
       } else {
@@ -517,7 +517,7 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
   constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
   if (hi - lo < L) {
-    dw_row_tap_by_tap(out, init, src, wr, nrows, r, 0, r.len);
+    dw_row_tap_by_tap(out, init, src, wr, nrows, r);
     return;
   }
   // The edge columns (a few): their taps inside the row are an interval [q0, q1) (the column a
