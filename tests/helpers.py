@@ -39,10 +39,47 @@ def leaves(*tensors, dtype=None, requires_grad=True):
     return out
 
 
-def compare_with_native(ours_fn, native_fn, inputs, dtype=None, grad_scale=1.0, msg=""):
+HALF_TYPES = (torch.bfloat16, torch.float16)
+
+
+def in_float64(fn, dtype):
+    """fn computed in float64 on its floating inputs, its floating outputs rounded once to `dtype`:
+    the correctly rounded result that a half-precision kernel accumulating in float approximates."""
+    def wide(*ts):
+        out = fn(*[t.double() if t is not None and t.is_floating_point() else t for t in ts])
+        narrow = lambda o: o.to(dtype) if o.is_floating_point() else o  # noqa: E731
+        return tuple(narrow(o) for o in out) if isinstance(out, tuple) else narrow(out)
+    return wide
+
+
+def compare_with_native(ours_fn, native_fn, inputs, dtype=None, grad_scale=1.0, msg="", on_fallback=None):
     """Runs both functions on separate leaf copies of `inputs`, backpropagates the same random
     upstream gradient through the first output, and compares the outputs (all of them, indices
-    included) and the gradients of every floating input."""
+    included) and the gradients of every floating input.
+
+    In float16 and bfloat16, where ours is not within tolerance of native in the same dtype, it must
+    instead be within tolerance of native computed in float64 and rounded once (in_float64). Native's
+    half-precision kernels are themselves sometimes further than the tolerance from that result:
+    its CPU float16 conv backward accumulates in float16, and on an AMD Zen 3 (AVX2, no AVX512-BF16)
+    its bfloat16 conv grad_input was measured about twice as far from it as ours. Where native's error
+    is close to the tolerance, ours (correctly rounded or within an ulp of it) can differ from native
+    by slightly more than the tolerance; the float64 reference settles those too. on_fallback(text),
+    if given, is called when the float64 reference is used (the fuzzer counts these)."""
+    half = next((t.dtype for t in inputs if t is not None and t.dtype in HALF_TYPES), None)
+    rng = torch.get_rng_state()  # the upstream gradient is drawn from it: the retry draws the same
+    try:
+        return _compare_once(ours_fn, native_fn, inputs, dtype, grad_scale, msg)
+    except AssertionError:
+        if half is None:
+            raise
+    if on_fallback is not None:
+        on_fallback(f"compared with native in float64 after a mismatch with native {half}")
+    torch.set_rng_state(rng)
+    return _compare_once(ours_fn, in_float64(native_fn, half), inputs, dtype, grad_scale,
+                         f"{msg} (vs native in float64, after a mismatch with native {half})")
+
+
+def _compare_once(ours_fn, native_fn, inputs, dtype, grad_scale, msg):
     a = leaves(*inputs)
     b = leaves(*inputs)
     out_a, out_b = ours_fn(*a), native_fn(*b)

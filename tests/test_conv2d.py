@@ -128,6 +128,45 @@ def test_matches_native(case, dtype, layout):
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("which", [None, "output", "grad_input", "grad_weight"])
+def test_half_precision_fallback_still_rejects_wrong_results(dtype, which):
+    """The harness's float64 fallback (compare_with_native) accepts the correctly rounded result,
+    not anything: one element of the output or of a gradient off by more than its tolerance fails
+    against both references (which=None: the ops as they are pass)."""
+    x, w = randn(2, 3, 7, 6, dtype=dtype), randn(4, 3, 3, 3, dtype=dtype)
+
+    class Off(torch.autograd.Function):  # identity whose value or gradient is off in one element
+        @staticmethod
+        def forward(ctx, t):
+            t = t.clone()
+            if which == "output":
+                t.view(-1)[3] += t.view(-1)[3].abs() + 1  # off by |t| + 1
+            return t
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            if which != "output":
+                g.view(-1)[3] += g.view(-1)[3].abs() + 1
+            return g
+
+    def ours(x, w):
+        if which == "grad_input":
+            x = Off.apply(x)
+        if which == "grad_weight":
+            w = Off.apply(w)
+        out = torch_cnnbp.conv2d(x, w, padding=1)
+        return Off.apply(out) if which == "output" else out
+
+    native = conv2d_pair(padding=1)[1]
+    if which is None:
+        compare_with_native(ours, native, (x, w), msg="unchanged")
+        return
+    with pytest.raises(AssertionError, match="vs native in float64"):
+        compare_with_native(ours, native, (x, w), msg=which)
+
+
 def test_matrix_covers_every_option():
     """The matrix above really holds each option the suite claims to cover."""
     seen = {}
