@@ -511,7 +511,7 @@ CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, 
   }
 }
 
-template <typename T>
+template <int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
                                 const DwRow& r) {
   constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
@@ -540,10 +540,10 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
   if (hi - lo < 2 * L) {
     for (int64_t j0 = lo;; j0 += L) {
       j0 = std::min(j0, hi - L);
-      Vec64<T> a0 = splat64(init);
+      Vec64<T, PB> a0 = splat64<PB>(init);
       for (int64_t t = 0; t < nrows; ++t) {
         for (int64_t q = 0; q < r.taps; ++q)
-          a0 += splat64(wr[t][r.wq[q]]) * load64_step(src[t] + r.off[q] + j0 * r.step, r.step);
+          a0 += splat64<PB>(wr[t][r.wq[q]]) * load64_step<PB>(src[t] + r.off[q] + j0 * r.step, r.step);
       }
       store64(out + j0, a0);
       if (j0 + L >= hi) return;
@@ -552,13 +552,13 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
   constexpr int V = kDwLanes<T>;
   for (int64_t j0 = lo;; j0 += V) {
     j0 = std::min(j0, hi - V);
-    Vec64<T> a0 = splat64(init), a1 = a0;
+    Vec64<T, PB> a0 = splat64<PB>(init), a1 = a0;
     for (int64_t t = 0; t < nrows; ++t) {
       for (int64_t q = 0; q < r.taps; ++q) {
-        const Vec64<T> wv = splat64(wr[t][r.wq[q]]);
+        const Vec64<T, PB> wv = splat64<PB>(wr[t][r.wq[q]]);
         const T* sq = src[t] + r.off[q] + j0 * r.step;
-        a0 += wv * load64_step(sq, r.step);
-        a1 += wv * load64_step(sq + L * r.step, r.step);
+        a0 += wv * load64_step<PB>(sq, r.step);
+        a1 += wv * load64_step<PB>(sq + L * r.step, r.step);
       }
     }
     store64(out + j0, a0);
@@ -597,7 +597,8 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(s.KH), wr(s.KH);
-    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+      constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
         const T* plane = in + p * s.in_plane();
@@ -612,7 +613,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
               src[rows] = plane + h * s.W;
               wr[rows++] = w + (k * s.KH + m) * s.KW;
             }
-            dw_row(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row);
+            dw_row<PB>(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row);
           }
           if (!finite_w) {
             for (int64_t m = 0; m < s.KH; ++m) {
@@ -652,7 +653,8 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
-    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+      constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
         T* plane = gin + p * s.in_plane();
@@ -668,12 +670,12 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
             }
           }
           if (s.sw == 1) {
-            dw_row(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row);
+            dw_row<PB>(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row);
             continue;
           }
           const int64_t len0 = phases[0].row.len;
           for (int64_t r = 0; r < int64_t(phases.size()); ++r)
-            dw_row(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row);
+            dw_row<PB>(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row);
           T* dst = plane + h * s.W;
           if (s.sw == 2) {  // interleave the two phases (phase 1 is one shorter for an odd W)
             const T* r0 = row.data();
@@ -707,23 +709,20 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
 // Blocks of 64 bytes of columns at j0 (and, with BLK = 2, j1), taps [q0, q0 + QB) of window row m,
 // rows [i0, i1) of sample n: acc[t · ld + j] += Σ_i δ[n, k, i, j] · o[…], in registers. The first
 // `skip` columns of a single block are left as they are (a last block that overlaps the one before).
-template <int QB, int BLK, typename T>
+template <int QB, int BLK, int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
                                           int64_t i1, int64_t q0, int64_t j0, int64_t j1, T* acc_out, int64_t ld,
                                           int64_t skip = 0) {
-  Vec64<T> acc[BLK][QB];
+  Vec64<T, PB> acc[BLK][QB];
   const int64_t js[2] = {j0, j1};
   if (BLK == 1 && skip > 0) {
-    typename Vec64Of<T>::index keep;
-    for (int l = 0; l < kLanes64<T>; ++l) keep[l] = l < skip ? 0 : -1;
-    const Vec64<T> zero = splat64(T(0));
-    for (int t = 0; t < QB; ++t) acc[0][t] = load64(acc_out + t * ld + j0);
+    for (int t = 0; t < QB; ++t) acc[0][t] = load64<PB>(acc_out + t * ld + j0);
     for (int64_t i = i0; i < i1; ++i) {
       const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl + j0 * s.sw;
-      const Vec64<T> dv = load64(dk + i * s.OW + j0);
+      const Vec64<T, PB> dv = load64<PB>(dk + i * s.OW + j0);
       for (int t = 0; t < QB; ++t) {
-        const Vec64<T> term = dv * load64_step(x + t * s.dw, s.sw);
-        acc[0][t] += keep ? term : zero;
+        const Vec64<T, PB> term = dv * load64_step<PB>(x + t * s.dw, s.sw);
+        acc[0][t] += zero_lanes_below(term, skip);
       }
     }
     // (the skipped columns got + 0 above: their values are unchanged, the sign of a zero aside)
@@ -733,14 +732,14 @@ CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const Con
 #pragma GCC unroll 2
   for (int b = 0; b < BLK; ++b)
 #pragma GCC unroll 3
-    for (int t = 0; t < QB; ++t) acc[b][t] = load64(acc_out + t * ld + js[b]);
+    for (int t = 0; t < QB; ++t) acc[b][t] = load64<PB>(acc_out + t * ld + js[b]);
   for (int64_t i = i0; i < i1; ++i) {
     const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl;
 #pragma GCC unroll 2
     for (int b = 0; b < BLK; ++b) {
-      const Vec64<T> dv = load64(dk + i * s.OW + js[b]);
+      const Vec64<T, PB> dv = load64<PB>(dk + i * s.OW + js[b]);
 #pragma GCC unroll 3
-      for (int t = 0; t < QB; ++t) acc[b][t] += dv * load64_step(x + js[b] * s.sw + t * s.dw, s.sw);
+      for (int t = 0; t < QB; ++t) acc[b][t] += dv * load64_step<PB>(x + js[b] * s.sw + t * s.dw, s.sw);
     }
   }
 #pragma GCC unroll 2
@@ -829,7 +828,8 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   const int64_t KHW = s.KH * s.KW;
   at::parallel_for(0, s.K, grain_for(s.N * P * KHW), [&](int64_t k0, int64_t k1) {
     std::vector<T> acc(KHW * s.OW);  // acc[(m · KW + q) · OW + j]: column j's sum for tap (m, q)
-    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+      constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t c = k / Kg;
         std::fill(acc.begin(), acc.end(), T(0));
@@ -849,9 +849,9 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
                   T* a = am + q0 * s.OW;
                   size_t u = 0;
                   for (; u < paired; u += 2)
-                    dw_weight_blocks<QB, 2>(plane, dk, s, m, i0, i1, q0, starts[u], starts[u + 1], a, s.OW);
+                    dw_weight_blocks<QB, 2, PB>(plane, dk, s, m, i0, i1, q0, starts[u], starts[u + 1], a, s.OW);
                   for (; u < starts.size(); ++u)
-                    dw_weight_blocks<QB, 1>(plane, dk, s, m, i0, i1, q0, starts[u], 0, a, s.OW,
+                    dw_weight_blocks<QB, 1, PB>(plane, dk, s, m, i0, i1, q0, starts[u], 0, a, s.OW,
                                             u + 1 == starts.size() ? tail_skip : 0);
                   for (int64_t j = 0; j < interior.lo; ++j) dw_weight_column<QB>(plane, dk, s, m, i0, i1, q0, j, a, s.OW);
                   for (int64_t j = interior.hi; j < s.OW; ++j) dw_weight_column<QB>(plane, dk, s, m, i0, i1, q0, j, a, s.OW);
@@ -900,20 +900,20 @@ at::Tensor prepared(const at::Tensor& t) {
 // Σ of one plane in a fixed order: 4 · kLanes64 running sums (lane l of sum u takes elements
 // e ≡ u·L + l mod 4L), added up in a fixed tree, then the tail in order. Vectorised, and the
 // same on every call and thread.
-template <typename T>
+template <int PB, typename T>
 CNNBP_ALWAYS_INLINE double plane_sum(const T* p, int64_t len) {
   constexpr int L = kLanes64<T>;
-  Vec64<T> a0 = splat64(T(0)), a1 = a0, a2 = a0, a3 = a0;
+  Vec64<T, PB> a0 = splat64<PB>(T(0)), a1 = a0, a2 = a0, a3 = a0;
   int64_t e = 0;
   for (; e + 4 * L <= len; e += 4 * L) {
-    a0 += load64(p + e);
-    a1 += load64(p + e + L);
-    a2 += load64(p + e + 2 * L);
-    a3 += load64(p + e + 3 * L);
+    a0 += load64<PB>(p + e);
+    a1 += load64<PB>(p + e + L);
+    a2 += load64<PB>(p + e + 2 * L);
+    a3 += load64<PB>(p + e + 3 * L);
   }
   a0 = (a0 + a1) + (a2 + a3);
   double sum = 0;
-  for (int l = 0; l < L; ++l) sum += a0[l];
+  for (int l = 0; l < L; ++l) sum += a0.lane(l);
   for (; e < len; ++e) sum += p[e];
   return sum;
 }
@@ -923,10 +923,11 @@ template <typename T>
 void bias_grad(const T* d, T* gb, const ConvShape& s) {
   const int64_t plane = s.out_plane();
   at::parallel_for(0, s.K, grain_for(s.N * plane), [&](int64_t k0, int64_t k1) {
-    run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+    run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+      constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t k = k0; k < k1; ++k) {
         double acc = 0;
-        for (int64_t n = 0; n < s.N; ++n) acc += plane_sum(d + (n * s.K + k) * plane, plane);
+        for (int64_t n = 0; n < s.N; ++n) acc += plane_sum<PB>(d + (n * s.K + k) * plane, plane);
         gb[k] = static_cast<T>(acc);
       }
     });

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #define CNNBP_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -50,14 +51,30 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable";
 }
 
+// What a kernel body compiled for one ISA may know of it: the widest vector its registers hold.
+template <Isa I>
+struct IsaTag {
+  static constexpr Isa isa = I;
+  static constexpr int vector_bytes = I == Isa::avx512 ? 64 : I == Isa::avx2 ? 32 : 16;
+};
+
+// f(IsaTag<I>{}) where f takes the tag (a generic lambda `[&](auto isa) …`), else f().
+template <Isa I, typename F>
+CNNBP_ALWAYS_INLINE void call_for_isa(const F& f) {
+  if constexpr (std::is_invocable_v<const F&, IsaTag<I>>)
+    f(IsaTag<I>{});
+  else
+    f();
+}
+
 #ifdef CNNBP_X86
 template <typename F>
-CNNBP_TARGET_AVX512 void run_avx512(const F& f) { f(); }
+CNNBP_TARGET_AVX512 void run_avx512(const F& f) { call_for_isa<Isa::avx512>(f); }
 template <typename F>
-CNNBP_TARGET_AVX2 void run_avx2(const F& f) { f(); }
+CNNBP_TARGET_AVX2 void run_avx2(const F& f) { call_for_isa<Isa::avx2>(f); }
 #endif
 template <typename F>
-void run_portable(const F& f) { f(); }
+void run_portable(const F& f) { call_for_isa<Isa::portable>(f); }
 
 // The widest ISA worth using for compare-and-blend loops (max_pool2d): 512 bits on Intel's AVX-512
 // cores (a 3x3 stride-2 pool over 64 x 112^2: 0.84 ms against 1.07 at 256 bits), 256 bits elsewhere
@@ -74,8 +91,9 @@ inline Isa blend_isa() {
 #endif
 }
 
-// f must be declared `[&]() CNNBP_LAMBDA_INLINE { ... }` so that its body (and the always-inline
-// helpers it calls) is compiled inside each target-specific wrapper.
+// f must be declared `[&]() CNNBP_LAMBDA_INLINE { ... }` (or `[&](auto isa) CNNBP_LAMBDA_INLINE`,
+// to be told the ISA as an IsaTag) so that its body (and the always-inline helpers it calls) is
+// compiled inside each target-specific wrapper.
 #define CNNBP_LAMBDA_INLINE __attribute__((always_inline))
 
 // `best` caps the choice for a loop that measures faster at a narrower width.
@@ -93,57 +111,92 @@ void run_with_isa(const F& f, Isa best = Isa::avx512) {
 }
 
 // ---- fixed-width vectors for register-blocked loops ----------------------------------------------
-// Vec64<T>: 64 bytes of T as a GCC vector: one 512-bit register, two 256-bit or four 128-bit ones,
-// whichever the enclosing function is compiled for. Loops that keep sums across runtime-bounded
-// loops use these rather than arrays, which the compiler would keep on the stack.
-template <typename T>
-struct Vec64Of;
-template <>
-struct Vec64Of<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t index __attribute__((vector_size(64)));
+// Vec64<T, PB>: 64 bytes of T held as 64 / PB GCC vectors of PB bytes, PB the register width of the
+// ISA the enclosing function is compiled for (IsaTag::vector_bytes): one 512-bit register, two
+// 256-bit or four 128-bit ones. Loops that keep sums across runtime-bounded loops use these rather
+// than arrays, which the compiler would keep on the stack. (A single 64-byte GCC vector is no
+// substitute: without AVX-512 it has no machine mode, and GCC keeps it in memory, building each
+// splat lane by lane: the depthwise loops ran 3-5x slower than native on an AVX2 CPU that way.)
+// Lane l is the same element at every PB: which terms a lane sums, and in what order, does not
+// depend on PB.
+template <typename T, int PB>
+struct Vec64 {
+  typedef T piece __attribute__((vector_size(PB)));
+  static constexpr int kPieces = 64 / PB, kPieceLanes = PB / int(sizeof(T)), kLanes = 64 / int(sizeof(T));
+  piece v[kPieces];
+
+  CNNBP_ALWAYS_INLINE Vec64& operator+=(const Vec64& o) {
+    for (int i = 0; i < kPieces; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  CNNBP_ALWAYS_INLINE friend Vec64 operator+(Vec64 a, const Vec64& b) { return a += b; }
+  CNNBP_ALWAYS_INLINE friend Vec64 operator*(const Vec64& a, const Vec64& b) {
+    Vec64 r;
+    for (int i = 0; i < kPieces; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  CNNBP_ALWAYS_INLINE T lane(int l) const { return v[l / kPieceLanes][l % kPieceLanes]; }
 };
-template <>
-struct Vec64Of<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t index __attribute__((vector_size(64)));
-};
-template <typename T>
-using Vec64 = typename Vec64Of<T>::type;
 template <typename T>
 constexpr int kLanes64 = 64 / sizeof(T);
 
-template <typename T>
-CNNBP_ALWAYS_INLINE Vec64<T> load64(const T* p) {
-  Vec64<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE Vec64<T, PB> load64(const T* p) {
+  Vec64<T, PB> r;
+  for (int i = 0; i < r.kPieces; ++i) std::memcpy(&r.v[i], p + i * r.kPieceLanes, PB);
+  return r;
 }
 
-template <typename T>
-CNNBP_ALWAYS_INLINE void store64(T* p, const Vec64<T>& v) {
-  std::memcpy(p, &v, sizeof v);
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE void store64(T* p, const Vec64<T, PB>& x) {
+  for (int i = 0; i < x.kPieces; ++i) std::memcpy(p + i * x.kPieceLanes, &x.v[i], PB);
 }
 
-template <typename T>
-CNNBP_ALWAYS_INLINE Vec64<T> splat64(T x) {
-  Vec64<T> v = {};
-  return v + x;
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE Vec64<T, PB> splat64(T x) {
+  Vec64<T, PB> r;
+  for (int i = 0; i < r.kPieces; ++i) r.v[i] = typename Vec64<T, PB>::piece{} + x;
+  return r;
+}
+
+// x with its lanes below `skip` set to +0.
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE Vec64<T, PB> zero_lanes_below(const Vec64<T, PB>& x, int skip) {
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I index __attribute__((vector_size(PB)));
+  Vec64<T, PB> r;
+  for (int i = 0; i < x.kPieces; ++i) {
+    index keep, bits;
+    for (int l = 0; l < x.kPieceLanes; ++l) keep[l] = i * x.kPieceLanes + l < skip ? 0 : -1;
+    std::memcpy(&bits, &x.v[i], PB);  // (a vector ?: here crashed GCC 12 on the portable path)
+    bits &= keep;
+    std::memcpy(&r.v[i], &bits, PB);
+  }
+  return r;
 }
 
 // p[0], p[step], p[2·step], …: reads nothing past the last of them.
-template <typename T>
-CNNBP_ALWAYS_INLINE Vec64<T> load64_step(const T* p, int64_t step) {
-  constexpr int L = kLanes64<T>;
-  if (step == 1) return load64(p);
-  if (step == 2) {  // the even lanes of p[0, L) and of p[L − 1, 2L − 1)
-    typename Vec64Of<T>::index even;
-    for (int l = 0; l < L; ++l) even[l] = l < L / 2 ? 2 * l : L + 2 * (l - L / 2) + 1;
-    return __builtin_shuffle(load64(p), load64(p + L - 1), even);
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE Vec64<T, PB> load64_step(const T* p, int64_t step) {
+  typedef Vec64<T, PB> V;
+  constexpr int PL = V::kPieceLanes;
+  if (step == 1) return load64<PB>(p);
+  V r;
+  if (step == 2) {  // piece i: the even lanes of p[2i·PL, +PL) and of p[2i·PL + PL − 1, +PL)
+    typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+    typedef I index __attribute__((vector_size(PB)));
+    index even;
+    for (int l = 0; l < PL; ++l) even[l] = l < PL / 2 ? 2 * l : PL + 2 * (l - PL / 2) + 1;
+    for (int i = 0; i < V::kPieces; ++i) {
+      typename V::piece a, b;
+      std::memcpy(&a, p + 2 * i * PL, PB);
+      std::memcpy(&b, p + 2 * i * PL + PL - 1, PB);
+      r.v[i] = __builtin_shuffle(a, b, even);
+    }
+    return r;
   }
-  Vec64<T> v;
-  for (int l = 0; l < L; ++l) v[l] = p[l * step];
-  return v;
+  for (int l = 0; l < V::kLanes; ++l) r.v[l / PL][l % PL] = p[l * step];
+  return r;
 }
 
 }  // namespace cnnbp
