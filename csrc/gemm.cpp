@@ -45,28 +45,36 @@ void gemm_aten(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, cons
 }
 
 #ifdef CNNBP_X86
-// ---- the AVX-512 blocked GEMM -----------------------------------------------------------------
+// ---- the blocked GEMM (AVX-512 and AVX2+FMA) ---------------------------------------------------
 
-template <typename T>
-struct Tile;  // MR × NR register tile: NR = 2 vectors of L lanes, MR rows
+template <typename T, Isa I>
+struct Tile;  // MR × NR register tile: NR = 2 vectors of L lanes, MR rows (2·MR accumulators)
 template <>
-struct Tile<float> {
-  static constexpr int L = 16, NR = 32, MR = 12;
+struct Tile<float, Isa::avx512> {
+  static constexpr int L = 16, NR = 32, MR = 12;  // 24 of 32 zmm registers
 };
 template <>
-struct Tile<double> {
+struct Tile<double, Isa::avx512> {
   static constexpr int L = 8, NR = 16, MR = 12;
+};
+template <>
+struct Tile<float, Isa::avx2> {
+  static constexpr int L = 8, NR = 16, MR = 6;  // 12 of 16 ymm registers
+};
+template <>
+struct Tile<double, Isa::avx2> {
+  static constexpr int L = 4, NR = 8, MR = 6;
 };
 
 constexpr int64_t KC = 256;  // k block
-constexpr int64_t MC = 144;  // rows of A packed at once (multiple of MR)
-constexpr int64_t NC = 1536; // columns of B packed at once (multiple of NR)
+constexpr int64_t MC = 144;  // rows of A packed at once (a multiple of every MR)
+constexpr int64_t NC = 1536; // columns of B packed at once (a multiple of every NR)
 
 // Packs rows [i0, i0 + mc) × k [k0, k0 + kc) of op(A) as panels of MR rows: panel p holds, for each
 // k, MR values (rows past M are zero).
-template <typename T>
+template <typename T, Isa I>
 void pack_a(bool trans, const T* A, int64_t lda, int64_t M, int64_t i0, int64_t mc, int64_t k0, int64_t kc, T* out) {
-  constexpr int MR = Tile<T>::MR;
+  constexpr int MR = Tile<T, I>::MR;
   for (int64_t ip = 0; ip < mc; ip += MR) {
     T* panel = out + ip * kc;
     for (int r = 0; r < MR; ++r) {
@@ -84,62 +92,70 @@ void pack_a(bool trans, const T* A, int64_t lda, int64_t M, int64_t i0, int64_t 
 }
 
 // Packs k [k0, k0 + kc) × columns [j0, j0 + nc) of op(B) as panels of NR columns (columns past N zero).
-template <typename T>
+// B itself is read along its rows: row k's NR-column pieces go to every panel in turn. (Panel after
+// panel, each read down 256 rows of B a row apart, which missed the cache on every row: packing
+// then took longer than the products for a 64×576×3136 product.)
+template <typename T, Isa I>
 void pack_b(bool trans, const T* B, int64_t ldb, int64_t N, int64_t j0, int64_t nc, int64_t k0, int64_t kc, T* out) {
-  constexpr int NR = Tile<T>::NR;
+  constexpr int NR = Tile<T, I>::NR;
+  auto valid = [&](int64_t jp) { return std::max<int64_t>(0, std::min<int64_t>(NR, std::min(nc, N - j0) - jp)); };
+  if (!trans) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = B + (k0 + k) * ldb + j0;
+      for (int64_t jp = 0; jp < nc; jp += NR) {
+        T* dst = out + jp * kc + k * NR;
+        const int64_t n_valid = valid(jp);
+        if (n_valid == NR) {
+          std::memcpy(dst, src + jp, NR * sizeof(T));
+        } else {
+          std::copy(src + jp, src + jp + n_valid, dst);
+          std::fill(dst + n_valid, dst + NR, T(0));
+        }
+      }
+    }
+    return;
+  }
   for (int64_t jp = 0; jp < nc; jp += NR) {
     T* panel = out + jp * kc;
-    const int64_t n_valid = std::max<int64_t>(0, std::min<int64_t>(NR, std::min(nc, N - j0) - jp));
-    for (int64_t k = 0; k < kc; ++k) {
-      T* dst = panel + k * NR;
-      if (!trans) {
-        const T* src = B + (k0 + k) * ldb + j0 + jp;
-        int64_t j = 0;
-        for (; j < n_valid; ++j) dst[j] = src[j];
-        for (; j < NR; ++j) dst[j] = T(0);
-      } else {
-        for (int64_t j = n_valid; j < NR; ++j) dst[j] = T(0);
-      }
+    const int64_t n_valid = valid(jp);
+    for (int64_t j = 0; j < n_valid; ++j) {
+      const T* src = B + (j0 + jp + j) * ldb + k0;  // read along the row of B
+      for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = src[k];
     }
-    if (trans) {
-      for (int64_t j = 0; j < n_valid; ++j) {
-        const T* src = B + (j0 + jp + j) * ldb + k0;  // read along the row of B
-        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = src[k];
-      }
-    }
+    for (int64_t k = 0; k < kc; ++k) std::fill(panel + k * NR + n_valid, panel + (k + 1) * NR, T(0));
   }
 }
 
-template <typename T>
+// The vector operations of each ISA. They are `inline` with their target, not always_inline: the
+// micro-kernel body below is written once, without a target of its own, and GCC refuses to force
+// a function with a wider target into it. It inlines them all the same once that body has been
+// inlined into its target-specific wrapper (checked: no calls in the AVX2 or AVX-512 kernels).
+template <typename T, Isa I>
 struct V;
-template <>
-struct V<float> {
-  using reg = __m512;
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg zero() { return _mm512_setzero_ps(); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg set1(float v) { return _mm512_set1_ps(v); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-};
-template <>
-struct V<double> {
-  using reg = __m512d;
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg zero() { return _mm512_setzero_pd(); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg load(const double* p) { return _mm512_loadu_pd(p); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg set1(double v) { return _mm512_set1_pd(v); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg fma(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
-  static CNNBP_TARGET_AVX512 CNNBP_ALWAYS_INLINE void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
-};
+#define CNNBP_VECTOR_OPS(TYPE, ISA, TARGET, REG, P, S)                                                  \
+  template <>                                                                                            \
+  struct V<TYPE, ISA> {                                                                                  \
+    using reg = REG;                                                                                     \
+    static TARGET inline reg zero() { return P##_setzero_##S(); }                                        \
+    static TARGET inline reg load(const TYPE* p) { return P##_loadu_##S(p); }                            \
+    static TARGET inline reg set1(TYPE v) { return P##_set1_##S(v); }                                    \
+    static TARGET inline reg fma(reg a, reg b, reg c) { return P##_fmadd_##S(a, b, c); }                 \
+    static TARGET inline reg add(reg a, reg b) { return P##_add_##S(a, b); }                             \
+    static TARGET inline void store(TYPE* p, reg v) { P##_storeu_##S(p, v); }                            \
+  };
+CNNBP_VECTOR_OPS(float, Isa::avx512, CNNBP_TARGET_AVX512, __m512, _mm512, ps)
+CNNBP_VECTOR_OPS(double, Isa::avx512, CNNBP_TARGET_AVX512, __m512d, _mm512, pd)
+CNNBP_VECTOR_OPS(float, Isa::avx2, CNNBP_TARGET_AVX2, __m256, _mm256, ps)
+CNNBP_VECTOR_OPS(double, Isa::avx2, CNNBP_TARGET_AVX2, __m256d, _mm256, pd)
+#undef CNNBP_VECTOR_OPS
 
 // C[MR×NR tile] (+)= Ap · Bp over kc steps. A full tile is read and written in place; an edge tile
 // (rows < MR or cols < NR) goes through a local buffer.
-template <typename T>
-CNNBP_TARGET_AVX512 void micro_kernel(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int64_t rows,
-                                      int64_t cols, bool accumulate) {
-  using VT = V<T>;
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, L = Tile<T>::L;
+template <typename T, Isa I>
+CNNBP_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int64_t rows,
+                                           int64_t cols, bool accumulate) {
+  using VT = V<T, I>;
+  constexpr int MR = Tile<T, I>::MR, NR = Tile<T, I>::NR, L = Tile<T, I>::L;
   typename VT::reg c0[MR], c1[MR];
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) c0[r] = c1[r] = VT::zero();
@@ -177,6 +193,17 @@ CNNBP_TARGET_AVX512 void micro_kernel(int64_t kc, const T* Ap, const T* Bp, T* C
     for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : T(0)) + tile[r * NR + j];
 }
 
+template <typename T>
+CNNBP_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int64_t rows,
+                                             int64_t cols, bool accumulate) {
+  micro_kernel_body<T, Isa::avx512>(kc, Ap, Bp, C, ldc, rows, cols, accumulate);
+}
+template <typename T>
+CNNBP_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* Ap, const T* Bp, T* C, int64_t ldc, int64_t rows,
+                                         int64_t cols, bool accumulate) {
+  micro_kernel_body<T, Isa::avx2>(kc, Ap, Bp, C, ldc, rows, cols, accumulate);
+}
+
 // Packed panels start on cache lines, so that no vector load of a panel straddles two.
 template <typename T>
 struct AlignedBuffer {
@@ -192,10 +219,10 @@ struct AlignedBuffer {
 };
 
 // One thread's share: the columns [n0, n1) of C.
-template <typename T>
+template <typename T, Isa I>
 void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int64_t n1, int64_t K, const T* A,
                           int64_t lda, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int MR = Tile<T, I>::MR, NR = Tile<T, I>::NR;
   const int64_t kc_max = std::min(KC, K);
   AlignedBuffer<T> apack(std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
   AlignedBuffer<T> bpack(std::min(NC, (n1 - n0 + NR - 1) / NR * NR) * kc_max);
@@ -205,15 +232,21 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
     for (int64_t j0 = n0; j0 < n1; j0 += NC) {
       const int64_t nc = std::min(NC, n1 - j0);
       const int64_t nc_padded = (nc + NR - 1) / NR * NR;
-      pack_b(trans_b, B, ldb, n1, j0, nc_padded, k0, kc, bpack.data());
+      pack_b<T, I>(trans_b, B, ldb, n1, j0, nc_padded, k0, kc, bpack.data());
       for (int64_t i0 = 0; i0 < M; i0 += MC) {
         const int64_t mc = std::min(MC, M - i0);
         const int64_t mc_padded = (mc + MR - 1) / MR * MR;
-        pack_a(trans_a, A, lda, M, i0, mc_padded, k0, kc, apack.data());
+        pack_a<T, I>(trans_a, A, lda, M, i0, mc_padded, k0, kc, apack.data());
         for (int64_t jp = 0; jp < nc; jp += NR) {
           for (int64_t ip = 0; ip < mc; ip += MR) {
-            micro_kernel<T>(kc, apack.data() + ip * kc, bpack.data() + jp * kc, C + (i0 + ip) * ldc + j0 + jp, ldc,
-                            std::min<int64_t>(MR, mc - ip), std::min<int64_t>(NR, nc - jp), acc);
+            const T* ap = apack.data() + ip * kc;
+            const T* bp = bpack.data() + jp * kc;
+            T* c = C + (i0 + ip) * ldc + j0 + jp;
+            const int64_t rows = std::min<int64_t>(MR, mc - ip), cols = std::min<int64_t>(NR, nc - jp);
+            if constexpr (I == Isa::avx512)
+              micro_kernel_avx512<T>(kc, ap, bp, c, ldc, rows, cols, acc);
+            else
+              micro_kernel_avx2<T>(kc, ap, bp, c, ldc, rows, cols, acc);
           }
         }
       }
@@ -221,7 +254,7 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
   }
 }
 
-template <typename T>
+template <typename T, Isa I>
 void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                   int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   if (K == 0) {
@@ -229,11 +262,11 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
-  constexpr int NR = Tile<T>::NR;
+  constexpr int NR = Tile<T, I>::NR;
   const int64_t panels = (N + NR - 1) / NR;
   // Columns split in whole panels; each thread packs its own operands and writes its own columns.
   at::parallel_for(0, panels, grain_for(M * K * NR / 8), [&](int64_t p0, int64_t p1) {
-    gemm_blocked_columns(trans_a, trans_b, M, p0 * NR, std::min(N, p1 * NR), K, A, lda, B, ldb, accumulate, C, ldc);
+    gemm_blocked_columns<T, I>(trans_a, trans_b, M, p0 * NR, std::min(N, p1 * NR), K, A, lda, B, ldb, accumulate, C, ldc);
   });
 }
 #endif
@@ -244,11 +277,12 @@ namespace {
 bool own_gemm_selected() {
   static const bool own = [] {
 #ifdef CNNBP_X86
-    if (active_isa() != Isa::avx512) return false;
+    if (active_isa() == Isa::portable) return false;
     if (const char* choice = std::getenv("CNNBP_GEMM")) {
       if (!std::strcmp(choice, "own")) return true;
       if (!std::strcmp(choice, "blas")) return false;
     }
+    if (active_isa() != Isa::avx512) return false;  // AVX2: MKL measured faster (gemm.h)
     __builtin_cpu_init();
     return !__builtin_cpu_is("intel");
 #else
@@ -267,7 +301,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   if (M == 0 || N == 0) return;
 #ifdef CNNBP_X86
   if (own_gemm_selected()) {
-    gemm_blocked(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    if (active_isa() == Isa::avx512)
+      gemm_blocked<T, Isa::avx512>(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    else
+      gemm_blocked<T, Isa::avx2>(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
     return;
   }
 #endif

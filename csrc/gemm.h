@@ -1,13 +1,16 @@
 // Row-major matrix products for the convolution: C[M×N] = op(A) · op(B) (+ C).
 //
 // Two backends, chosen once per process (gemm_backend()):
-// - "own": the project's blocked GEMM (packed panels and a register-tiled AVX-512 micro-kernel,
-//   gemm.cpp). The default on AVX-512 CPUs not made by Intel, where MKL (behind ATen's BLAS) takes
-//   a slow generic path: about 100 GFLOP/s per core against ~180 for this kernel on a Zen 5 core.
+// - "own": the project's blocked GEMM (packed panels and a register-tiled micro-kernel for AVX-512
+//   or AVX2+FMA, gemm.cpp). The default on AVX-512 CPUs not made by Intel, where MKL (behind ATen's
+//   BLAS) takes a slow generic path: about 100 GFLOP/s per core against ~180 for this kernel on a
+//   Zen 5 core.
 // - "blas": ATen's BLAS (at::mm_out / at::addmm_out on views of the same buffers). The default on
 //   Intel CPUs, where MKL's own kernels are faster than ours (about 175 against 100-145 GFLOP/s per
-//   core on a Xeon with AVX-512), and everywhere without AVX-512 or with CNNBP_SIMD below avx512.
-// CNNBP_GEMM=own|blas overrides the default (own needs AVX-512); it is read once, at first use.
+//   core on a Xeon with AVX-512), on AVX2 CPUs (on a Zen 3, MKL's AVX2 path beat the own AVX2
+//   kernel by 5-10% on most of the benchmark's conv layers, and by more on thin products), and
+//   without AVX2 or with CNNBP_SIMD=portable.
+// CNNBP_GEMM=own|blas overrides the default (own needs AVX2 at least); it is read once, at first use.
 #pragma once
 
 #include <cstdint>

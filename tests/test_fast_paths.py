@@ -1,8 +1,9 @@
 """The fast paths of the kernels, each driven at its edges and compared with native (forward and
 backward) through the shared harness, and with the NumPy reference on tiny float64 sizes.
 
-* conv2d's own AVX-512 GEMM (csrc/gemm.cpp): register tile MR = 12 rows × NR = 32 (float) / 16
-  (double) columns, k blocks of KC = 256, MC = 144 rows and NC = 1536 columns packed at once. The
+* conv2d's own GEMM (csrc/gemm.cpp): register tile MR = 12 rows × NR = 32 (float) / 16
+  (double) columns on AVX-512, MR = 6 × NR = 16 / 8 on AVX2 (the cases' remainders fall on both
+  tiles' edges: 13 = 12 + 1 = 2·6 + 1, 33 = 32 + 1 = 2·16 + 1), k blocks of KC = 256, MC = 144 rows and NC = 1536 columns packed at once. The
   three products per sample block and group (csrc/conv2d.cpp) are
       forward      [Kg × rows] · [rows × cols]
       grad_input   [rows × Kg] · [Kg × cols]         (A transposed)
@@ -84,8 +85,8 @@ def set_threads(n):
 
 
 def own_gemm_active() -> bool:
-    """conv2d's products run on the project's own AVX-512 GEMM in this process (csrc/gemm.h: the
-    default on AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
+    """conv2d's products run on the project's own GEMM in this process (csrc/gemm.h: the default on
+    AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
     return "gemm=own" in torch.ops.cnnbp._paths()
 
 
@@ -295,7 +296,7 @@ def test_gemm_edges_every_dtype(name, dtype):
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=name)
 
 
-@pytest.mark.skipif(not own_gemm_active(), reason="the own AVX-512 GEMM does not run on this CPU / CNNBP_SIMD")
+@pytest.mark.skipif(not own_gemm_active(), reason="the own GEMM does not run here (CNNBP_GEMM / CPU)")
 def test_own_gemm_is_what_runs_here():
     """On this machine the GEMM cases drive csrc/gemm.cpp, not ATen's BLAS: no aten::mm / addmm."""
     x, w = randn(1, 16, 7, 11, dtype=torch.float32), randn(12, 16, 4, 4, dtype=torch.float32)
@@ -1005,10 +1006,12 @@ ISA_SCRIPT = textwrap.dedent("""
 
 
 def isa_runs():
-    """(environment, expected torch.ops.cnnbp._paths()) for the fresh processes: the portable and
-    AVX2 paths (products on ATen's BLAS), and on AVX-512 CPUs the GEMM backend this process does not
-    use by default (CNNBP_GEMM), so that both backends run on every such machine."""
-    runs = [({"CNNBP_SIMD": "portable"}, "isa=portable gemm=blas"), ({"CNNBP_SIMD": "avx2"}, "isa=avx2 gemm=blas")]
+    """(environment, expected torch.ops.cnnbp._paths()) for the fresh processes: the portable path
+    (products on ATen's BLAS), the AVX2 path with either GEMM backend (ATen's BLAS by default, the own
+    AVX2 GEMM with CNNBP_GEMM=own), and on AVX-512 CPUs the GEMM backend this process does not use by
+    default, so that every backend this CPU can run runs."""
+    runs = [({"CNNBP_SIMD": "portable"}, "isa=portable gemm=blas"), ({"CNNBP_SIMD": "avx2"}, "isa=avx2 gemm=blas"),
+            ({"CNNBP_SIMD": "avx2", "CNNBP_GEMM": "own"}, "isa=avx2 gemm=own")]
     paths = torch.ops.cnnbp._paths()
     if paths.startswith("isa=avx512") and "CNNBP_SIMD" not in os.environ:
         other = "blas" if "gemm=own" in paths else "own"
@@ -1017,16 +1020,18 @@ def isa_runs():
 
 
 def test_isa_paths_in_fresh_processes():
-    """CNNBP_SIMD=portable and =avx2, and on AVX-512 CPUs the non-default CNNBP_GEMM backend (all
-    read once at load, so in fresh processes): the products go where _paths() says (ATen's BLAS seen
-    in the profiler, or not), the depthwise / max-pool loops are compiled for the baseline or AVX2,
-    and the compact subset matches native there too. The processes run side by side."""
+    """CNNBP_SIMD=portable and =avx2 (with each GEMM backend), and on AVX-512 CPUs the non-default
+    CNNBP_GEMM backend (all read once at load, so in fresh processes): the products go where
+    _paths() says (ATen's BLAS seen in the profiler, or not), the depthwise / max-pool loops are
+    compiled for the baseline or AVX2, and the compact subset matches native there too. The
+    processes run side by side."""
     tests = os.path.dirname(os.path.abspath(__file__))
     procs = {}
     for extra, paths in isa_runs():
         label = " ".join(f"{k}={v}" for k, v in extra.items())
         code = ISA_SCRIPT.format(tests=tests, paths=paths, env=label, marker=ISA_MARKER)
-        env = {**os.environ, **extra, "OMP_WAIT_POLICY": "PASSIVE"}
+        inherited = {k: v for k, v in os.environ.items() if k not in ("CNNBP_SIMD", "CNNBP_GEMM")}  # the run's own
+        env = {**inherited, **extra, "OMP_WAIT_POLICY": "PASSIVE"}
         procs[label] = (paths, subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True))
     try:

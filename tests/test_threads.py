@@ -6,7 +6,7 @@ What is asserted here is what README.md (Guarantees) states:
 * for a fixed thread count, outputs and gradients are bitwise identical from run to run;
 * across thread counts: max_pool2d is bitwise identical (outputs, indices, gradients); conv2d's
   weight gradient is NOT (the batch is split into one partial sum per thread), while its output,
-  input gradient and bias gradient are, where its own AVX-512 GEMM runs; all stay within
+  input gradient and bias gradient are, where its own GEMM runs; all stay within
   tolerance of native;
 * torch.use_deterministic_algorithms(True) accepts both ops (and changes none of the above).
 """
@@ -214,8 +214,8 @@ def test_max_pool2d_is_bitwise_identical_across_thread_counts():
 
 
 def own_gemm_active() -> bool:
-    """conv2d's products run on the project's own AVX-512 GEMM in this process (csrc/gemm.h: the
-    default on AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
+    """conv2d's products run on the project's own GEMM in this process (csrc/gemm.h: the default on
+    AVX-512 CPUs not made by Intel, or CNNBP_GEMM=own); otherwise on ATen's BLAS."""
     return "gemm=own" in torch.ops.cnnbp._paths()
 
 
@@ -224,7 +224,7 @@ def test_conv2d_across_thread_counts():
     * the weight gradient may change in the last bits with the thread count: once the batch is
       split among threads (at least as many samples as threads, and enough work), each chunk sums
       its own partial and the partials are added in chunk order. Witness: a float64 batch of 8.
-    * with the own AVX-512 GEMM, output, grad_input and grad_bias are bitwise identical across
+    * with the own GEMM, output, grad_input and grad_bias are bitwise identical across
       thread counts (each output element is computed by one thread, in a fixed order). With ATen's
       BLAS instead, that is not promised and only closeness is checked.
     Everything stays within tolerance of the 1-thread result (and of native: see above)."""
