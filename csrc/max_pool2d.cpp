@@ -547,8 +547,12 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
     const scalar_t* d = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gin = grad_input.mutable_data_ptr<scalar_t>();
-    auto check = [&](int64_t at) {
-      TORCH_CHECK(at >= 0 && at < in_plane, "max_pool2d_backward: index ", at,
+    // An index inside the plane gets its add (adding a zero changes nothing: the gradient starts at
+    // +0). One outside is an error unless its gradient is zero: empty windows (dilation stepping over
+    // a short input) point outside and are sent zeros.
+    auto inside = [&](int64_t at) { return static_cast<uint64_t>(at) < static_cast<uint64_t>(in_plane); };
+    auto check = [&](int64_t at, scalar_t grad) {
+      TORCH_CHECK(inside(at) || grad == scalar_t(0), "max_pool2d_backward: index ", at,
                   " is outside the input plane of ", in_plane, " elements");
     };
     if (cl && N < at::get_num_threads() && in_plane >= 2 * at::get_num_threads() && N * in_plane * C >= 32768) {
@@ -565,13 +569,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
             for (int64_t ij = 0; ij < out_plane; ++ij) {
               const int64_t off = (n * out_plane + ij) * C;
               for (int64_t c = 0; c < C; ++c) {
-                if (d[off + c] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
                 const int64_t at = idx[off + c];
-                if (at < lo || at >= hi) {
-                  check(at);
-                  continue;
-                }
-                g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+                if (at >= lo && at < hi)
+                  g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+                else
+                  check(at, d[off + c]);
               }
             }
           }
@@ -595,10 +597,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           for (int64_t ij = 0; ij < out_plane; ++ij) {
             const int64_t off = (n * out_plane + ij) * C;
             for (int64_t c = c0; c < c1; ++c) {
-              if (d[off + c] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
               const int64_t at = idx[off + c];
-              check(at);
-              g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+              if (inside(at))
+                g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+              else
+                check(at, d[off + c]);
             }
           }
         }
@@ -610,10 +613,11 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           scalar_t* g = gin + p * in_plane;
           std::fill(g, g + in_plane, scalar_t(0));
           for (int64_t ij = 0; ij < out_plane; ++ij) {
-            if (d[p * out_plane + ij] == scalar_t(0)) continue;  // nothing to add (and empty windows send zeros)
             const int64_t at = idx[p * out_plane + ij];
-            check(at);
-            g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(d[p * out_plane + ij]));
+            if (inside(at))
+              g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(d[p * out_plane + ij]));
+            else
+              check(at, d[p * out_plane + ij]);
           }
         }
       });

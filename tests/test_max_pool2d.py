@@ -493,16 +493,34 @@ def test_three_element_kernel_size_raises_like_native():
         torch_cnnbp.max_pool2d(x, (2, 2, 2))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_one_sample"])
 @pytest.mark.parametrize("bad_index", [-1, 20, 10**12], ids=("negative", "one_past_plane", "huge"))
-def test_backward_op_rejects_out_of_range_index(bad_index):
-    """An index outside the input plane is an error, never a write out of bounds."""
-    x = randn(2, 2, 4, 5)
-    out, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-    ops.max_pool2d_backward(torch.ones_like(out), idx, list(x.shape))  # the valid indices work
-    idx = idx.clone()
-    idx[1, 1, 0, 1] = bad_index
-    with pytest.raises(RuntimeError, match=rf"index {bad_index} is outside the input plane of 20 elements"):
-        ops.max_pool2d_backward(torch.ones_like(out), idx, list(x.shape))
+def test_backward_op_rejects_out_of_range_index(bad_index, layout):
+    """An index outside the input plane is an error, never a write out of bounds: in each backward
+    loop (planes; channels_last samples; channels_last bands of pixels, one sample on two threads).
+    With a zero gradient there it is no error: empty windows point outside and are sent zeros."""
+    shape, plane = ((2, 2, 4, 5), 20) if layout != "channels_last_one_sample" else ((1, 16, 48, 48), 48 * 48)
+    bad_index = plane if bad_index == 20 else bad_index
+    x = randn(*shape)
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        ops.max_pool2d_backward(torch.ones_like(out), idx, list(x.shape))  # the valid indices work
+        idx = idx.clone()
+        idx[0, 1, 0, 1] = bad_index
+        grad = torch.ones_like(out)
+        with pytest.raises(RuntimeError, match=rf"index {bad_index} is outside the input plane of {plane} elements"):
+            ops.max_pool2d_backward(grad, idx, list(x.shape))
+        grad[0, 1, 0, 1] = 0
+        expected = F.max_pool2d(x, 2, return_indices=True)[1]
+        got = ops.max_pool2d_backward(grad, idx, list(x.shape))
+        reference = torch.zeros(x.shape, dtype=x.dtype).flatten(2).scatter_add_(2, expected.flatten(2), grad.flatten(2))
+        assert torch.equal(got, reference.view(x.shape))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_backward_op_rejects_mismatched_shapes():
