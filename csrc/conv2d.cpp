@@ -491,6 +491,10 @@ struct DwRow {
   const Range* valid;  // valid[q]: the outputs whose tap q is inside the source row
   Range interior;      // the outputs whose taps are all inside
   const int64_t* wq;   // wq[q]: tap q's column in a weight row
+  int64_t src_len;     // source columns in a row
+  // Narrow rows (see dw_row_narrow): a source row is copied with `lead` zeros before it, into
+  // `width` values (zeros after it), so that two blocks of 64 bytes of outputs read inside the copy.
+  int64_t lead, width;
 };
 
 template <typename T>
@@ -511,13 +515,44 @@ CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, 
   }
 }
 
+// A row of at most 2·L outputs whose interior is narrower than L (14×14 and 7×7 planes): the source
+// rows are copied, zero-padded (DwRow::lead, width), into `scratch`, and one or two blocks of L
+// outputs sum every tap in registers. The padding's terms w · 0 are exactly 0 for a finite weight
+// (callers pass `padded_ok` = all weights finite); each output's terms come in the same order as
+// in dw_row_tap_by_tap.
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE void dw_row_narrow(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
+                                       const DwRow& r, T* scratch) {
+  constexpr int L = kLanes64<T>;
+  for (int64_t t = 0; t < nrows; ++t) {
+    T* row = scratch + t * r.width;
+    std::fill(row, row + r.lead, T(0));
+    std::copy(src[t], src[t] + r.src_len, row + r.lead);
+    std::fill(row + r.lead + r.src_len, row + r.width, T(0));
+  }
+  T block[2 * L];
+  for (int64_t j0 = 0; j0 < r.len; j0 += L) {
+    Vec64<T, PB> a0 = splat64<PB>(init);
+    for (int64_t t = 0; t < nrows; ++t) {
+      const T* row = scratch + t * r.width + r.lead + j0 * r.step;
+      for (int64_t q = 0; q < r.taps; ++q)
+        a0 += splat64<PB>(wr[t][r.wq[q]]) * load64_step<PB>(row + r.off[q], r.step);
+    }
+    store64(block + j0, a0);
+  }
+  std::copy(block, block + r.len, out);
+}
+
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
-                                const DwRow& r) {
+                                const DwRow& r, bool padded_ok, T* scratch) {
   constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
   if (hi - lo < L) {
-    dw_row_tap_by_tap(out, init, src, wr, nrows, r);
+    if (padded_ok && r.len <= 2 * L)
+      dw_row_narrow<PB>(out, init, src, wr, nrows, r, scratch);
+    else
+      dw_row_tap_by_tap(out, init, src, wr, nrows, r);
     return;
   }
   // The edge columns (a few): their taps inside the row are an interval [q0, q1) (the column a
@@ -585,7 +620,13 @@ struct DwColumns {
       in.hi = std::min(in.hi, valid[u].hi);
     }
     in.hi = std::max(in.lo, in.hi);
-    row = DwRow{len, step, taps, off.data(), valid.data(), in, wq.data()};
+    constexpr int64_t kNarrowLanes = 2 * kLanes64<float>;  // two blocks of the most lanes (float)
+    int64_t lo = 0, reach = src_len;
+    for (int64_t u = 0; u < taps; ++u) {
+      lo = std::min(lo, off[u]);
+      reach = std::max(reach, off[u] + (kNarrowLanes - 1) * step + 1);
+    }
+    row = DwRow{len, step, taps, off.data(), valid.data(), in, wq.data(), src_len, -lo, reach - lo};
   }
 };
 
@@ -597,6 +638,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(s.KH), wr(s.KH);
+    std::vector<T> scratch(s.KH * cols.row.width);  // dw_row_narrow's copies
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
@@ -613,7 +655,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
               src[rows] = plane + h * s.W;
               wr[rows++] = w + (k * s.KH + m) * s.KW;
             }
-            dw_row<PB>(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row);
+            dw_row<PB>(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row, finite_w, scratch.data());
           }
           if (!finite_w) {
             for (int64_t m = 0; m < s.KH; ++m) {
@@ -650,9 +692,14 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
     const int64_t len = (s.W - r + s.sw - 1) / s.sw;
     phases.emplace_back(len, s.OW, 1, taps, q0 < s.KW ? (r + s.pl - q0 * s.dw) / s.sw : 0, -(s.dw / g), q0, s.sw / g);
   }
+  // (dw_row_narrow reads zeros past a row of δ: its terms w · 0 vanish only for a finite weight)
+  const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
+  int64_t width = 0;
+  for (const DwColumns& ph : phases) width = std::max(width, ph.row.width);
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
+    std::vector<T> scratch(Kg * s.KH * width);  // dw_row_narrow's copies
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
@@ -670,12 +717,13 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
             }
           }
           if (s.sw == 1) {
-            dw_row<PB>(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row);
+            dw_row<PB>(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row, finite_w, scratch.data());
             continue;
           }
           const int64_t len0 = phases[0].row.len;
           for (int64_t r = 0; r < int64_t(phases.size()); ++r)
-            dw_row<PB>(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row);
+            dw_row<PB>(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row, finite_w,
+                       scratch.data());
           T* dst = plane + h * s.W;
           if (s.sw == 2) {  // interleave the two phases (phase 1 is one shorter for an odd W)
             const T* r0 = row.data();
@@ -804,6 +852,19 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   const Range interior = cols.row.interior;
   const bool blocks = interior.hi - interior.lo >= V;
+  // Narrow planes (no block fits the interior, but a row fits one or two blocks: 14×14 and 7×7
+  // layers): each sample's plane of δ is copied with rows V lanes apart (zeros past OW), and its input
+  // plane into a zero-padded plane, so that every tap of every output column reads inside the copy.
+  // Then dw_weight_blocks runs on the copies: whole rows in registers, the padding's terms δ · 0
+  // (0 for a finite δ; NaN otherwise, as below).
+  const int64_t nb = (s.OW + V - 1) / V;
+  const bool narrow = !blocks && nb <= 2;
+  ConvShape sp = s;  // the copies' geometry: no padding, δ rows nb·V apart, input rows Wq apart
+  sp.pt = sp.pl = 0;
+  sp.OW = nb * V;
+  sp.H = (s.OH - 1) * s.sh + (s.KH - 1) * s.dh + 1;
+  sp.W = std::max(s.W + s.pl, (s.KW - 1) * s.dw + (nb * V - 1) * s.sw + 1);
+  const int64_t acc_ld = narrow ? sp.OW : s.OW;  // acc's row: one running sum per column
   // Block starts: every V columns of the interior. A last block that would run short starts V
   // before the interior's end instead, overlapping its neighbour, and skips the columns it shares.
   std::vector<int64_t> starts;
@@ -827,7 +888,8 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   const int64_t band = std::max<int64_t>(1, 16384 / int64_t(sizeof(T) * (s.OW + s.sh * s.W)));
   const int64_t KHW = s.KH * s.KW;
   at::parallel_for(0, s.K, grain_for(s.N * P * KHW), [&](int64_t k0, int64_t k1) {
-    std::vector<T> acc(KHW * s.OW);  // acc[(m · KW + q) · OW + j]: column j's sum for tap (m, q)
+    std::vector<T> acc(KHW * acc_ld);  // acc[(m · KW + q) · acc_ld + j]: column j's sum for tap (m, q)
+    std::vector<T> dpad(narrow ? s.OH * sp.OW : 0), xpad(narrow ? sp.H * sp.W : 0);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t k = k0; k < k1; ++k) {
@@ -836,6 +898,26 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
         for (int64_t n = 0; n < s.N; ++n) {
           const T* plane = in + (n * s.C + c) * s.in_plane();
           const T* dk = d + (n * s.K + k) * P;
+          if (narrow) {  // the copies (see above), then every row and tap in registers
+            std::fill(xpad.begin(), xpad.end(), T(0));
+            for (int64_t h = 0; h < s.H && h + s.pt < sp.H; ++h)
+              std::copy(plane + h * s.W, plane + (h + 1) * s.W, xpad.data() + (h + s.pt) * sp.W + s.pl);
+            for (int64_t i = 0; i < s.OH; ++i) {
+              std::copy(dk + i * s.OW, dk + (i + 1) * s.OW, dpad.data() + i * sp.OW);
+              std::fill(dpad.data() + i * sp.OW + s.OW, dpad.data() + (i + 1) * sp.OW, T(0));
+            }
+            for (int64_t m = 0; m < s.KH; ++m) {
+              for_tap_groups(s.KW, [&](auto qb, int64_t q0) CNNBP_LAMBDA_INLINE {
+                constexpr int QB = decltype(qb)::value;
+                T* a = acc.data() + (m * s.KW + q0) * acc_ld;
+                if (nb == 1)
+                  dw_weight_blocks<QB, 1, PB>(xpad.data(), dpad.data(), sp, m, 0, s.OH, q0, 0, 0, a, acc_ld);
+                else
+                  dw_weight_blocks<QB, 2, PB>(xpad.data(), dpad.data(), sp, m, 0, s.OH, q0, 0, V, a, acc_ld);
+              });
+            }
+            continue;
+          }
           for (int64_t b0 = 0; b0 < s.OH; b0 += band) {
             const int64_t b1 = std::min(s.OH, b0 + band);
             for (int64_t m = 0; m < s.KH; ++m) {
@@ -880,7 +962,7 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
           const Range ri = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
           for (int64_t q = 0; q < s.KW; ++q) {
             const Range rj = cols.valid[q];
-            const T* a = acc.data() + (m * s.KW + q) * s.OW;
+            const T* a = acc.data() + (m * s.KW + q) * acc_ld;
             double sum = 0;
             for (int64_t j = rj.lo; j < rj.hi; ++j) sum += a[j];
             const bool finite = border_finite || finite_over_padding(d, s, k, ri, rj);

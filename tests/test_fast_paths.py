@@ -567,6 +567,20 @@ def test_depthwise_every_odd_width(case, dtype):
     run_conv_case((0, C, 5, 9), (C * mult, 1, kh, kw_), bias, dict(groups=C, **kw), dtype, msg=f"{name}, N=0")
 
 
+# Rows too narrow for a 64-byte block of interior columns but at most two blocks long (16 / 32 floats,
+# 8 / 16 doubles) run on zero-padded copies (dw_row_narrow, and ∂E/∂W's narrow planes): widths on
+# both sides of one and two blocks, even ones included (the odd-width sweep above has none).
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_depthwise_narrow_rows(dtype):
+    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    widths = sorted({7, 14, lanes - 1, lanes, lanes + 1, 2 * lanes - 1, 2 * lanes, 2 * lanes + 1})
+    for name, mult, k, bias, kw in (("k3_s1_p1", 1, 3, True, dict(padding=1)), ("mult2_k3_s2_p1", 2, 3, False,
+                                    dict(stride=2, padding=1)), ("k5_s1_p2_d1x2", 1, 5, True,
+                                    dict(padding=(2, 4), dilation=(1, 2)))):
+        for W in widths:
+            run_conv_case((2, 3, 6, W), (3 * mult, 1, k, k), bias, dict(groups=3, **kw), dtype, msg=f"{name}, W={W}")
+
+
 # Column strides and dilations whose stride phases take different tap sets in δ_in: gcd(sw, dw) = 1
 # (every phase one tap of three) and > 1 (phases with no tap at all: their inputs get no gradient).
 @pytest.mark.parametrize("stride, dilation, padding", [(2, 1, 1), (3, 2, 2), (2, 2, 2), (4, 2, 0), ((1, 3), (2, 1), (2, 1))],
