@@ -492,8 +492,8 @@ struct DwRow {
   Range interior;      // the outputs whose taps are all inside
   const int64_t* wq;   // wq[q]: tap q's column in a weight row
   int64_t src_len;     // source columns in a row
-  // Narrow rows (see dw_row_narrow): a source row is copied with `lead` zeros before it, into
-  // `width` values (zeros after it), so that two blocks of 64 bytes of outputs read inside the copy.
+  // Narrow rows (see dw_row_narrow) read zero-padded copies of the source rows: `lead` zeros, the
+  // row, zeros up to `width` values, so that two blocks of 64 bytes of outputs read inside the copy.
   int64_t lead, width;
 };
 
@@ -515,26 +515,20 @@ CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, 
   }
 }
 
-// A row of at most 2·L outputs whose interior is narrower than L (14×14 and 7×7 planes): the source
-// rows are copied, zero-padded (DwRow::lead, width), into `scratch`, and one or two blocks of L
-// outputs sum every tap in registers. The padding's terms w · 0 are exactly 0 for a finite weight
-// (callers pass `padded_ok` = all weights finite); each output's terms come in the same order as
-// in dw_row_tap_by_tap.
+// A row of at most 2·L outputs whose interior is narrower than L (14×14 and 7×7 planes), from
+// zero-padded copies of the source rows (pad_rows; src[t] points at column 0 of a copy): one or
+// two blocks of L outputs sum every tap in registers. The padding's terms w · 0 are exactly 0 for
+// a finite weight (callers copy only then); each output's terms come in the order of
+// dw_row_tap_by_tap.
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_row_narrow(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
-                                       const DwRow& r, T* scratch) {
+                                       const DwRow& r) {
   constexpr int L = kLanes64<T>;
-  for (int64_t t = 0; t < nrows; ++t) {
-    T* row = scratch + t * r.width;
-    std::fill(row, row + r.lead, T(0));
-    std::copy(src[t], src[t] + r.src_len, row + r.lead);
-    std::fill(row + r.lead + r.src_len, row + r.width, T(0));
-  }
   T block[2 * L];
   for (int64_t j0 = 0; j0 < r.len; j0 += L) {
     Vec64<T, PB> a0 = splat64<PB>(init);
     for (int64_t t = 0; t < nrows; ++t) {
-      const T* row = scratch + t * r.width + r.lead + j0 * r.step;
+      const T* row = src[t] + j0 * r.step;
       for (int64_t q = 0; q < r.taps; ++q)
         a0 += splat64<PB>(wr[t][r.wq[q]]) * load64_step<PB>(row + r.off[q], r.step);
     }
@@ -543,14 +537,33 @@ CNNBP_ALWAYS_INLINE void dw_row_narrow(T* out, T init, const T* const* src, cons
   std::copy(block, block + r.len, out);
 }
 
+// Whether dw_row takes dw_row_narrow for rows r (given zero-padded sources).
+template <typename T>
+bool narrow_rows(const DwRow& r) {
+  return r.interior.hi - r.interior.lo < kLanes64<T> && r.len <= 2 * kLanes64<T>;
+}
+
+// rows × len values, `ld` apart, into copies `width` apart, each with `lead` zeros before it and
+// zeros after it.
+template <typename T>
+void pad_rows(const T* src, int64_t rows, int64_t len, int64_t ld, int64_t lead, int64_t width, T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = out + i * width;
+    std::fill(row, row + lead, T(0));
+    std::copy(src + i * ld, src + i * ld + len, row + lead);
+    std::fill(row + lead + len, row + width, T(0));
+  }
+}
+
+// `padded`: the source rows are zero-padded copies (pad_rows with r.lead, r.width).
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
-                                const DwRow& r, bool padded_ok, T* scratch) {
+                                const DwRow& r, bool padded) {
   constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
   if (hi - lo < L) {
-    if (padded_ok && r.len <= 2 * L)
-      dw_row_narrow<PB>(out, init, src, wr, nrows, r, scratch);
+    if (padded && r.len <= 2 * L)
+      dw_row_narrow<PB>(out, init, src, wr, nrows, r);
     else
       dw_row_tap_by_tap(out, init, src, wr, nrows, r);
     return;
@@ -636,14 +649,21 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   const int64_t Kg = s.Kg(), P = s.out_plane();
   const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
+  // Narrow rows read a zero-padded copy of the plane (its terms w · 0 are 0 for a finite weight).
+  const bool padded = finite_w && narrow_rows<T>(cols.row);
+  const int64_t ld = padded ? cols.row.width : s.W;  // the source rows' distance
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(s.KH), wr(s.KH);
-    std::vector<T> scratch(s.KH * cols.row.width);  // dw_row_narrow's copies
+    std::vector<T> copy(padded ? s.H * ld : 0);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
         const T* plane = in + p * s.in_plane();
+        if (padded) {
+          pad_rows(plane, s.H, s.W, s.W, cols.row.lead, ld, copy.data());
+          plane = copy.data() + cols.row.lead;
+        }
         for (int64_t kk = 0; kk < Kg; ++kk) {
           const int64_t k = c * Kg + kk;
           T* o = out + (n * s.K + k) * P;
@@ -652,10 +672,10 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
             for (int64_t m = 0; m < s.KH; ++m) {
               const int64_t h = i * s.sh + m * s.dh - s.pt;
               if (h < 0 || h >= s.H) continue;
-              src[rows] = plane + h * s.W;
+              src[rows] = plane + h * ld;
               wr[rows++] = w + (k * s.KH + m) * s.KW;
             }
-            dw_row<PB>(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row, finite_w, scratch.data());
+            dw_row<PB>(o + i * s.OW, b ? b[k] : T(0), src.data(), wr.data(), rows, cols.row, padded);
           }
           if (!finite_w) {
             for (int64_t m = 0; m < s.KH; ++m) {
@@ -692,19 +712,34 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
     const int64_t len = (s.W - r + s.sw - 1) / s.sw;
     phases.emplace_back(len, s.OW, 1, taps, q0 < s.KW ? (r + s.pl - q0 * s.dw) / s.sw : 0, -(s.dw / g), q0, s.sw / g);
   }
-  // (dw_row_narrow reads zeros past a row of δ: its terms w · 0 vanish only for a finite weight)
-  const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
-  int64_t width = 0;
-  for (const DwColumns& ph : phases) width = std::max(width, ph.row.width);
+  // Narrow rows read zero-padded copies of the Kg planes of δ (their terms w · 0 are 0 for a finite
+  // weight), with room for every phase: the largest lead, and the largest reach past it.
+  bool padded = all_finite(w, s.K * s.KH * s.KW);
+  bool any_narrow = false;
+  int64_t lead = 0, reach = 0;
+  for (const DwColumns& ph : phases) {
+    any_narrow |= narrow_rows<T>(ph.row);
+    lead = std::max(lead, ph.row.lead);
+    reach = std::max(reach, ph.row.width - ph.row.lead);
+  }
+  padded = padded && any_narrow;
+  const int64_t ld = padded ? lead + reach : s.OW;  // the source rows' distance
+  for (DwColumns& ph : phases) ph.row.lead = lead, ph.row.width = ld;
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
-    std::vector<T> scratch(Kg * s.KH * width);  // dw_row_narrow's copies
+    std::vector<T> copy(padded ? Kg * s.OH * ld : 0);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / s.C, c = p % s.C;
         T* plane = gin + p * s.in_plane();
+        // δ of the Kg channels k of c: δ[n, k, i, ·] at dk + (kk · OH + i) · ld
+        const T* dk = d + (n * s.K + c * Kg) * P;
+        if (padded) {
+          pad_rows(dk, Kg * s.OH, s.OW, s.OW, lead, ld, copy.data());
+          dk = copy.data() + lead;
+        }
         for (int64_t h = 0; h < s.H; ++h) {
           int64_t rows = 0;  // the (k, m) whose output row reads input row h
           for (int64_t kk = 0; kk < Kg; ++kk) {
@@ -712,18 +747,17 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
             for (int64_t m = 0; m < s.KH; ++m) {
               const int64_t at = h + s.pt - m * s.dh;
               if (at < 0 || at % s.sh != 0 || at / s.sh >= s.OH) continue;
-              src[rows] = d + (n * s.K + k) * P + (at / s.sh) * s.OW;
+              src[rows] = dk + (kk * s.OH + at / s.sh) * ld;
               wr[rows++] = w + (k * s.KH + m) * s.KW;
             }
           }
           if (s.sw == 1) {
-            dw_row<PB>(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row, finite_w, scratch.data());
+            dw_row<PB>(plane + h * s.W, T(0), src.data(), wr.data(), rows, phases[0].row, padded);
             continue;
           }
           const int64_t len0 = phases[0].row.len;
           for (int64_t r = 0; r < int64_t(phases.size()); ++r)
-            dw_row<PB>(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row, finite_w,
-                       scratch.data());
+            dw_row<PB>(row.data() + r * len0, T(0), src.data(), wr.data(), rows, phases[r].row, padded);
           T* dst = plane + h * s.W;
           if (s.sw == 2) {  // interleave the two phases (phase 1 is one shorter for an odd W)
             const T* r0 = row.data();
