@@ -491,9 +491,9 @@ struct DwRow {
   const Range* valid;  // valid[q]: the outputs whose tap q is inside the source row
   Range interior;      // the outputs whose taps are all inside
   const int64_t* wq;   // wq[q]: tap q's column in a weight row
-  int64_t src_len;     // source columns in a row
-  // Narrow rows (see dw_row_narrow) read zero-padded copies of the source rows: `lead` zeros, the
-  // row, zeros up to `width` values, so that two blocks of 64 bytes of outputs read inside the copy.
+  // Narrow rows (see dw_row_narrow) read zero-padded copies of the source rows (pad_rows): `lead`
+  // zeros, the row, zeros up to `width` values, so that two blocks of 64 bytes of outputs read
+  // inside the copy.
   int64_t lead, width;
 };
 
@@ -561,11 +561,12 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
                                 const DwRow& r, bool padded) {
   constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
+  if (padded && narrow_rows<T>(r)) {
+    dw_row_narrow<PB>(out, init, src, wr, nrows, r);
+    return;
+  }
   if (hi - lo < L) {
-    if (padded && r.len <= 2 * L)
-      dw_row_narrow<PB>(out, init, src, wr, nrows, r);
-    else
-      dw_row_tap_by_tap(out, init, src, wr, nrows, r);
+    dw_row_tap_by_tap(out, init, src, wr, nrows, r);
     return;
   }
   // The edge columns (a few): their taps inside the row are an interval [q0, q1) (the column a
@@ -639,7 +640,7 @@ struct DwColumns {
       lo = std::min(lo, off[u]);
       reach = std::max(reach, off[u] + (kNarrowLanes - 1) * step + 1);
     }
-    row = DwRow{len, step, taps, off.data(), valid.data(), in, wq.data(), src_len, -lo, reach - lo};
+    row = DwRow{len, step, taps, off.data(), valid.data(), in, wq.data(), -lo, reach - lo};
   }
 };
 
@@ -724,7 +725,6 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   }
   padded = padded && any_narrow;
   const int64_t ld = padded ? lead + reach : s.OW;  // the source rows' distance
-  for (DwColumns& ph : phases) ph.row.lead = lead, ph.row.width = ld;
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
@@ -891,8 +891,8 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   // plane into a zero-padded plane, so that every tap of every output column reads inside the copy.
   // Then dw_weight_blocks runs on the copies: whole rows in registers, the padding's terms δ · 0
   // (0 for a finite δ; NaN otherwise, as below).
+  const bool narrow = narrow_rows<T>(cols.row);
   const int64_t nb = (s.OW + V - 1) / V;
-  const bool narrow = !blocks && nb <= 2;
   ConvShape sp = s;  // the copies' geometry: no padding, δ rows nb·V apart, input rows Wq apart
   sp.pt = sp.pl = 0;
   sp.OW = nb * V;
@@ -933,13 +933,12 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
           const T* plane = in + (n * s.C + c) * s.in_plane();
           const T* dk = d + (n * s.K + k) * P;
           if (narrow) {  // the copies (see above), then every row and tap in registers
-            std::fill(xpad.begin(), xpad.end(), T(0));
-            for (int64_t h = 0; h < s.H && h + s.pt < sp.H; ++h)
-              std::copy(plane + h * s.W, plane + (h + 1) * s.W, xpad.data() + (h + s.pt) * sp.W + s.pl);
-            for (int64_t i = 0; i < s.OH; ++i) {
-              std::copy(dk + i * s.OW, dk + (i + 1) * s.OW, dpad.data() + i * sp.OW);
-              std::fill(dpad.data() + i * sp.OW + s.OW, dpad.data() + (i + 1) * sp.OW, T(0));
-            }
+            // input rows h at xpad rows pt + h, the rows above and below them zeros
+            const int64_t top = std::min(s.pt, sp.H), inside = std::min(s.H, sp.H - top);
+            std::fill(xpad.begin(), xpad.begin() + top * sp.W, T(0));
+            pad_rows(plane, inside, s.W, s.W, s.pl, sp.W, xpad.data() + top * sp.W);
+            std::fill(xpad.begin() + (top + inside) * sp.W, xpad.end(), T(0));
+            pad_rows(dk, s.OH, s.OW, s.OW, int64_t(0), sp.OW, dpad.data());
             for (int64_t m = 0; m < s.KH; ++m) {
               for_tap_groups(s.KW, [&](auto qb, int64_t q0) CNNBP_LAMBDA_INLINE {
                 constexpr int QB = decltype(qb)::value;
