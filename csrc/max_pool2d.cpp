@@ -16,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -211,13 +213,283 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
 }
 
 // The most common pool, 2×2 with stride 2 and every window inside the image (no padding, no
-// dilation, no partial ceil_mode window): each output row reads two input rows directly, taps in
-// scan order (top-left, top-right, bottom-left, bottom-right). The first tap is always in the image,
-// so it starts the running maximum (the same result as offering it to −inf: only a −inf first tap
-// keeps the lowest value, with its own index, either way).
+// dilation, no partial ceil_mode window): its kernels read the input directly, taps in scan order
+// (top-left, top-right, bottom-left, bottom-right). The first tap is always in the image, so it
+// starts the running maximum (the same result as offering it to −inf: only a −inf first tap keeps
+// the lowest value, with its own index, either way).
 inline bool is_plain_2x2_stride_2(const PoolShape& s) {
   return s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 && s.dh == 1 && s.dw == 1 &&
          2 * s.OH <= s.H && 2 * s.OW <= s.W;
+}
+
+// ---- NCHW, floating types: the plane padded and phase-split once, windows in registers ----------
+// The plane is copied once into a buffer of padded rows, each split by stride phase as in
+// fill_phases, with the lowest value in the padding: ph rows above the image, and rows below it as
+// far as the last window reaches. Tap (m, q) of output (i, j) is then element j + (q·dw) / sw of
+// phase (q·dw) mod sw of padded row i·sh + m·dh, so for a block of L consecutive outputs of a row
+// every tap is one contiguous run of L values. A block's running maxima, and the offsets of the
+// taps that hold them, stay in registers across all kh·kw taps (offered in scan order); only the
+// result is stored. Offsets count from the window's origin (i·sh − ph, j·sw − pw): tap (m, q) is
+// m·dh·W + q·dw, the same for every lane, so taking a tap is a blend with a constant. Each window
+// starts, as in max_pool2d_plane_rows, from the lowest value at its first in-image tap.
+// A plane without NaN is compared with val > best alone (a later equal tap never takes over: the
+// first maximum wins). A plane holding a NaN also lets every NaN tap take over (the last one wins).
+
+// L lanes of A and of the integer of A's width, as pieces of at most PB bytes (one register each).
+template <typename A, int PB, int L>
+struct PoolBlock {
+  static constexpr int kBytes = L * int(sizeof(A));
+  static constexpr int kPieceBytes = kBytes < PB ? kBytes : PB;
+  static constexpr int kPieces = kBytes / kPieceBytes, kPieceLanes = kPieceBytes / int(sizeof(A));
+  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+  typedef A value __attribute__((vector_size(kPieceBytes)));
+  typedef I offset __attribute__((vector_size(kPieceBytes)));
+};
+
+// What the blocks of every plane of one call share: the buffer's geometry and the offset tables.
+template <typename A>
+struct PlaneBlocks {
+  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+  int64_t lanes;                  // L, outputs per block
+  int64_t phase_len, row_len;     // row_len = sw · phase_len
+  int64_t rows;                   // padded rows in the buffer
+  std::vector<int64_t> tap_src;   // tap t = m·kw + q: its run's start, from the block's first row and output
+  std::vector<I> tap_off;         // and its offset m·dh·W + q·dw
+  std::vector<I> row_first;       // per output row: m0·dh·W, m0 its first in-image window row
+  std::vector<I> col_first;       // per output column (padded to a whole block): q0·dw
+  std::vector<I> col_at;          // per output column: j·sw
+
+  PlaneBlocks(const PoolShape& s, int64_t L) : lanes(L) {
+    const int64_t OW_blocks = (s.OW + L - 1) / L * L;
+    phase_len = OW_blocks + ((s.kw - 1) * s.dw) / s.sw;
+    row_len = s.sw * phase_len;
+    rows = (s.OH - 1) * s.sh + (s.kh - 1) * s.dh + 1;
+    for (int64_t m = 0; m < s.kh; ++m) {
+      for (int64_t q = 0; q < s.kw; ++q) {
+        const int64_t u = q * s.dw;
+        tap_src.push_back(m * s.dh * row_len + (u % s.sw) * phase_len + u / s.sw);
+        tap_off.push_back(static_cast<I>(m * s.dh * s.W + u));
+      }
+    }
+    auto first_tap = [](int64_t start, int64_t dilation) {  // steps from start to the first tap ≥ 0
+      int64_t first = start;
+      while (first < 0) first += dilation;
+      return first - start;
+    };
+    for (int64_t i = 0; i < s.OH; ++i) row_first.push_back(static_cast<I>(first_tap(i * s.sh - s.ph, s.dh) * s.W));
+    col_first.assign(OW_blocks, 0);
+    col_at.assign(OW_blocks, 0);
+    for (int64_t j = 0; j < s.OW; ++j) {
+      col_first[j] = static_cast<I>(first_tap(j * s.sw - s.pw, s.dw));
+      col_at[j] = static_cast<I>(j * s.sw);
+    }
+  }
+  int64_t buffer_size() const { return rows * row_len; }
+};
+
+// Copies plane `in` into the padded, phase-split buffer; returns whether it holds a NaN.
+template <typename T, typename A>
+CNNBP_ALWAYS_INLINE bool fill_plane(const T* in, A* buf, const PlaneBlocks<A>& b, const PoolShape& s) {
+  const A low = lowest_value<T>();
+  for (int64_t r = 0; r < b.rows; ++r) {
+    const int64_t h = r - s.ph;
+    A* dst = buf + r * b.row_len;
+    if (h >= 0 && h < s.H)
+      fill_phases(in + h * s.W, dst, b.phase_len, s, low);
+    else
+      std::fill(dst, dst + b.row_len, low);
+  }
+  int nan = 0;
+  const int64_t n = b.buffer_size();
+  for (int64_t e = 0; e < n; ++e) nan |= buf[e] != buf[e];
+  return nan != 0;
+}
+
+// The outputs of one plane from its buffer, L at a time. KH, KW > 0: the window's size at compile
+// time (its taps unrolled); 0: s.kh, s.kw.
+template <int KH, int KW, bool kNaN, int L, int PB, typename T, typename A>
+CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* idx, const PlaneBlocks<A>& b,
+                                                 const PoolShape& s) {
+  using B = PoolBlock<A, PB, L>;
+  using I = typename B::I;
+  using value = typename B::value;
+  using offset = typename B::offset;
+  constexpr int NP = B::kPieces, PL = B::kPieceLanes, PBytes = B::kPieceBytes;
+  const int taps = KH > 0 ? KH * KW : static_cast<int>(s.kh * s.kw);
+  const A low = lowest_value<T>();
+  const int64_t* tap_src = b.tap_src.data();
+  const I* tap_off = b.tap_off.data();
+  for (int64_t i = 0; i < s.OH; ++i) {
+    const A* rows = buf + i * s.sh * b.row_len;
+    const I first_row = b.row_first[i];
+    const I origin = static_cast<I>((i * s.sh - s.ph) * s.W - s.pw);
+    for (int64_t j0 = 0; j0 < s.OW; j0 += L) {
+      value best[NP];
+      offset off[NP];
+      for (int p = 0; p < NP; ++p) {
+        best[p] = value{} + low;
+        std::memcpy(&off[p], b.col_first.data() + j0 + p * PL, PBytes);
+        off[p] += first_row;
+      }
+      for (int t = 0; t < taps; ++t) {
+        const A* src = rows + tap_src[t] + j0;
+        const offset tap = offset{} + tap_off[t];
+        for (int p = 0; p < NP; ++p) {
+          value v;
+          std::memcpy(&v, src + p * PL, PBytes);
+          offset take = v > best[p];
+          if constexpr (kNaN) take |= v != v;
+          best[p] = take ? v : best[p];
+          off[p] = take ? tap : off[p];
+        }
+      }
+      A vals[L];
+      I at[L];
+      for (int p = 0; p < NP; ++p) {
+        offset col;
+        std::memcpy(&col, b.col_at.data() + j0 + p * PL, PBytes);
+        off[p] += col + origin;
+        std::memcpy(vals + p * PL, &best[p], PBytes);
+        std::memcpy(at + p * PL, &off[p], PBytes);
+      }
+      T* __restrict__ out_row = out + i * s.OW + j0;
+      int64_t* __restrict__ idx_row = idx + i * s.OW + j0;
+      if (j0 + L <= s.OW) {
+        for (int l = 0; l < L; ++l) out_row[l] = static_cast<T>(vals[l]);
+        for (int l = 0; l < L; ++l) idx_row[l] = at[l];
+      } else {
+        const int n = static_cast<int>(s.OW - j0);
+        for (int l = 0; l < n; ++l) out_row[l] = static_cast<T>(vals[l]);
+        for (int l = 0; l < n; ++l) idx_row[l] = at[l];
+      }
+    }
+  }
+}
+
+// One plane: the buffer, then the blocks, with the window unrolled for 2×2 and 3×3.
+template <int L, int PB, typename T, typename A>
+CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t* idx, A* buf, const PlaneBlocks<A>& b,
+                                                   const PoolShape& s) {
+  if (fill_plane(in, buf, b, s))
+    max_pool2d_plane_blocks<0, 0, true, L, PB>(buf, out, idx, b, s);
+  else if (s.kh == 2 && s.kw == 2)
+    max_pool2d_plane_blocks<2, 2, false, L, PB>(buf, out, idx, b, s);
+  else if (s.kh == 3 && s.kw == 3)
+    max_pool2d_plane_blocks<3, 3, false, L, PB>(buf, out, idx, b, s);
+  else
+    max_pool2d_plane_blocks<0, 0, false, L, PB>(buf, out, idx, b, s);
+}
+
+// NCHW, 2×2 stride 2 with every window inside the image, floating types: output row i reads input
+// rows 2i and 2i + 1 directly, L outputs at a time. A block's 2L values of each row are split into
+// even and odd columns (the left and right taps) by vector shuffles, and the four taps offered in
+// scan order: the first starts the maximum (it is always in the image), and a NaN or a strictly
+// larger value takes over. The last block of a row may read on past the row's end (into the next
+// rows: its extra lanes are not stored), but never past `in_end`, the end of the input: a block
+// that would is first copied into a local buffer, and so is every block of a half type (converted).
+template <int L, int PB, typename T>
+CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2_blocks(const T* in, const T* in_end, T* out, int64_t* idx,
+                                                     const PoolShape& s) {
+  using A = at::opmath_type<T>;
+  using B = PoolBlock<A, PB, L>;
+  using I = typename B::I;
+  using value = typename B::value;
+  using offset = typename B::offset;
+  constexpr int NP = B::kPieces, PL = B::kPieceLanes, PBytes = B::kPieceBytes;
+  offset even, odd, lane2[NP];
+  for (int l = 0; l < PL; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+  for (int p = 0; p < NP; ++p)
+    for (int l = 0; l < PL; ++l) lane2[p][l] = static_cast<I>(2 * (p * PL + l));
+  const I W = static_cast<I>(s.W);
+  const offset right = offset{} + 1, below = offset{} + W, below_right = offset{} + (W + 1);
+  A copy[2][2 * L] = {};
+  for (int64_t i = 0; i < s.OH; ++i) {
+    const T* r0 = in + 2 * i * s.W;
+    const T* r1 = r0 + s.W;
+    const I origin = static_cast<I>(2 * i * s.W);
+    for (int64_t j0 = 0; j0 < s.OW; j0 += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, s.OW - j0));
+      const A* top = copy[0];
+      const A* bottom = copy[1];
+      bool direct = false;
+      if constexpr (std::is_same_v<T, A>) {
+        if (r1 + 2 * (j0 + L) <= in_end) {
+          top = r0 + 2 * j0;
+          bottom = r1 + 2 * j0;
+          direct = true;
+        }
+      }
+      if (!direct) {
+        for (int e = 0; e < 2 * n; ++e) {
+          copy[0][e] = static_cast<A>(r0[2 * j0 + e]);
+          copy[1][e] = static_cast<A>(r1[2 * j0 + e]);
+        }
+      }
+      A vals[L];
+      I at[L];
+      for (int p = 0; p < NP; ++p) {
+        value a, b, c, d;
+        std::memcpy(&a, top + 2 * p * PL, PBytes);
+        std::memcpy(&b, top + 2 * p * PL + PL, PBytes);
+        std::memcpy(&c, bottom + 2 * p * PL, PBytes);
+        std::memcpy(&d, bottom + 2 * p * PL + PL, PBytes);
+        value best = __builtin_shuffle(a, b, even);
+        offset off = offset{};
+        auto offer_tap = [&](value v, const offset& tap) CNNBP_LAMBDA_INLINE {
+          const offset take = (v > best) | (v != v);
+          best = take ? v : best;
+          off = take ? tap : off;
+        };
+        offer_tap(__builtin_shuffle(a, b, odd), right);
+        offer_tap(__builtin_shuffle(c, d, even), below);
+        offer_tap(__builtin_shuffle(c, d, odd), below_right);
+        off += lane2[p] + (origin + static_cast<I>(2 * j0));
+        std::memcpy(vals + p * PL, &best, PBytes);
+        std::memcpy(at + p * PL, &off, PBytes);
+      }
+      T* __restrict__ out_row = out + i * s.OW + j0;
+      int64_t* __restrict__ idx_row = idx + i * s.OW + j0;
+      if (n == L) {
+        for (int l = 0; l < L; ++l) out_row[l] = static_cast<T>(vals[l]);
+        for (int l = 0; l < L; ++l) idx_row[l] = at[l];
+      } else {
+        for (int l = 0; l < n; ++l) out_row[l] = static_cast<T>(vals[l]);
+        for (int l = 0; l < n; ++l) idx_row[l] = at[l];
+      }
+    }
+  }
+}
+
+// NCHW forward of a floating type through max_pool2d_plane_buffered, split over planes (n, c).
+// Returns false, having done nothing, where a plane's buffer would be too large (over 2^22 values).
+template <typename T>
+bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape& s) {
+  using A = at::opmath_type<T>;
+  constexpr int kFull = 64 / int(sizeof(A));  // outputs per block: 64 bytes, or half that for short rows
+  const bool plain_2x2 = is_plain_2x2_stride_2(s);
+  // (the 2×2 blocks read 2L input columns; the last block of a row that would read past it is copied)
+  const int L = s.OW < (plain_2x2 ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
+  const PlaneBlocks<A> b(s, L);
+  if (s.H * s.W >= (int64_t(1) << 31) || b.buffer_size() > (int64_t(1) << 22)) return false;
+  const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
+  const T* in_end = in + s.planes * in_plane;
+  at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
+    std::vector<A> buf(plain_2x2 ? 0 : b.buffer_size());
+    run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+      constexpr int PB = decltype(isa)::vector_bytes;
+      for (int64_t p = p0; p < p1; ++p) {
+        if (plain_2x2 && L == kFull)
+          max_pool2d_plane_2x2_blocks<kFull, PB>(in + p * in_plane, in_end, out + p * out_plane, idx + p * out_plane, s);
+        else if (plain_2x2)
+          max_pool2d_plane_2x2_blocks<kFull / 2, PB>(in + p * in_plane, in_end, out + p * out_plane, idx + p * out_plane, s);
+        else if (L == kFull)
+          max_pool2d_plane_buffered<kFull, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+        else
+          max_pool2d_plane_buffered<kFull / 2, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+      }
+    }, blend_isa());
+  });
+  return true;
 }
 
 // The four taps of a 2×2 window, in scan order; `at` is the flat index of the top-left one.
@@ -230,38 +502,8 @@ CNNBP_ALWAYS_INLINE void max_of_2x2(A t0, A t1, A t2, A t3, int32_t at, int32_t 
   offer(t3, at + W + 1, best, best_at);
 }
 
-template <typename T>
-CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2(const T* in, T* out, int64_t* idx, const PoolShape& s) {
-  using acc_t = at::opmath_type<T>;
-  constexpr int B = 16;  // outputs per block: the taps are de-interleaved into B-wide arrays first
-  const int32_t W = static_cast<int32_t>(s.W);
-  for (int64_t i = 0; i < s.OH; ++i) {
-    const T* r0 = in + 2 * i * s.W;
-    const T* r1 = r0 + s.W;
-    const int32_t at_row = static_cast<int32_t>(2 * i * s.W);
-    for (int64_t j0 = 0; j0 < s.OW; j0 += B) {
-      const int n = static_cast<int>(std::min<int64_t>(B, s.OW - j0));
-      acc_t t0[B] = {}, t1[B] = {}, t2[B] = {}, t3[B] = {}, best[B];
-      int32_t best_at[B];
-      for (int l = 0; l < n; ++l) {
-        const int64_t v = 2 * (j0 + l);
-        t0[l] = static_cast<acc_t>(r0[v]);
-        t1[l] = static_cast<acc_t>(r0[v + 1]);
-        t2[l] = static_cast<acc_t>(r1[v]);
-        t3[l] = static_cast<acc_t>(r1[v + 1]);
-      }
-      for (int l = 0; l < B; ++l)
-        max_of_2x2(t0[l], t1[l], t2[l], t3[l], at_row + static_cast<int32_t>(2 * (j0 + l)), W, best[l], best_at[l]);
-      for (int l = 0; l < n; ++l) {
-        out[i * s.OW + j0 + l] = static_cast<T>(best[l]);
-        idx[i * s.OW + j0 + l] = best_at[l];
-      }
-    }
-  }
-}
-
 // channels_last, 2×2 stride 2 inside the image: the four taps of an output pixel are four runs of
-// C values; each channel takes them in scan order (see max_pool2d_plane_2x2).
+// C values; each channel takes them in scan order (max_of_2x2).
 template <typename T>
 CNNBP_ALWAYS_INLINE void max_pool2d_pixel_2x2_cl(const T* in_n, T* out_px, int64_t* idx_px, int64_t i, int64_t j,
                                                  int64_t C, const PoolShape& s) {
@@ -292,40 +534,6 @@ CNNBP_ALWAYS_INLINE void max_of_2x2_lanes(const A (&t0)[B], const A (&t1)[B], co
   for (int l = 0; l < n; ++l) {
     out[l] = static_cast<T>(best[l]);
     idx[l] = best_at[l];
-  }
-}
-
-// The same for planes whose output rows are short (OW < 16, LeNet's 14 and 5), where blocks of 16
-// outputs per row would be mostly empty: the outputs of planes [p0, p1), contiguous in memory, are
-// taken in blocks that run on across rows and planes. Output r of a plane reads its top-left tap
-// at tab[r] = 2·(r / OW)·W + 2·(r mod OW) (a table made once per call). The taps of a block are
-// gathered into arrays first and the maxima taken over the arrays; the blocks are long (128) so
-// that the gathered values have left the store buffer when the vector loads read them back.
-template <typename T>
-CNNBP_ALWAYS_INLINE void max_pool2d_planes_2x2_short_rows(const T* in, T* out, int64_t* idx, const int32_t* tab,
-                                                          const PoolShape& s, int64_t p0, int64_t p1) {
-  using acc_t = at::opmath_type<T>;
-  constexpr int B = 128;
-  const int32_t W = static_cast<int32_t>(s.W);
-  const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW, lanes = (p1 - p0) * out_plane;
-  const T* plane = in + p0 * in_plane;
-  out += p0 * out_plane;
-  idx += p0 * out_plane;
-  int64_t r = 0;  // output r of `plane` is lane e0 + l, stepped along
-  for (int64_t e0 = 0; e0 < lanes; e0 += B) {
-    const int n = static_cast<int>(std::min<int64_t>(B, lanes - e0));
-    acc_t t0[B], t1[B], t2[B], t3[B];
-    int32_t at[B];
-    for (int l = 0; l < n; ++l) {
-      const int32_t v = tab[r];
-      t0[l] = static_cast<acc_t>(plane[v]);
-      t1[l] = static_cast<acc_t>(plane[v + 1]);
-      t2[l] = static_cast<acc_t>(plane[v + W]);
-      t3[l] = static_cast<acc_t>(plane[v + W + 1]);
-      at[l] = v;
-      if (++r == out_plane) r = 0, plane += in_plane;
-    }
-    max_of_2x2_lanes(t0, t1, t2, t3, at, n, W, out + e0, idx + e0);
   }
 }
 
@@ -480,22 +688,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
           }
         }, blend_isa());
       });
-    } else if (in_plane < (int64_t(1) << 31) && is_plain_2x2_stride_2(s)) {
-      std::vector<int32_t> tab(s.OW < 16 ? out_plane : 0);
-      for (int64_t e = 0; e < int64_t(tab.size()); ++e)
-        tab[e] = static_cast<int32_t>(2 * (e / s.OW) * s.W + 2 * (e % s.OW));
-      at::parallel_for(0, s.planes, grain_for(out_plane * 4), [&](int64_t p0, int64_t p1) {
-        run_with_isa([&]() CNNBP_LAMBDA_INLINE {
-          if (s.OW < 16) {
-            max_pool2d_planes_2x2_short_rows(in, out, idx, tab.data(), s, p0, p1);
-            return;
-          }
-          for (int64_t p = p0; p < p1; ++p)
-            max_pool2d_plane_2x2(in + p * in_plane, out + p * out_plane, idx + p * out_plane, s);
-        });
-      });
-    } else if (in_plane < (int64_t(1) << 31)) {
-      // Split over planes (n, c).
+      return;
+    }
+    // NCHW
+    if constexpr (std::is_floating_point_v<acc_t>) {
+      if (max_pool2d_nchw_buffered(in, out, idx, s)) return;
+    }
+    if (in_plane < (int64_t(1) << 31)) {
+      // Integer types and planes too large for a buffer: one output row at a time, split over planes.
       // Each stride phase of a padded row holds the positions read by OW outputs and kw taps.
       const int64_t phase_len = s.OW + ((s.kw - 1) * s.dw) / s.sw + 1;
       at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw), [&](int64_t p0, int64_t p1) {

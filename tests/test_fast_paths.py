@@ -682,6 +682,29 @@ def test_max_pool2d_nchw_every_output_width(kw):
     assert set(range(1, 40, 2)) <= seen, sorted(set(range(1, 40, 2)) - seen)
 
 
+@pytest.mark.parametrize("with_nan", [False, True], ids=["no_nan", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", POOL_CASES, ids=kw_id)
+def test_max_pool2d_nchw_blocks_ties_inf_nan(kw, dtype, with_nan):
+    """The NCHW kernels that keep a block of outputs in registers (max_pool2d_plane_blocks, the 2x2
+    blocks): values from a small set, so that windows hold ties, ±inf and all −inf, with and without
+    NaN (a plane with a NaN runs its own variant of the kernel). Output widths on both sides of the
+    block widths (8 and 16 lanes in float32, 4 and 8 in float64), several planes; values and
+    indices exactly as native's (first maximum, last NaN)."""
+    g = torch.Generator().manual_seed(5)
+    values = [-math.inf, -1.0, 0.0, 1.0, math.inf] + ([math.nan] if with_nan else [])
+    pool = torch.tensor(values, dtype=torch.float64)
+    widths = [W for W in pool_widths(kw, most=34) if pooled_width(W, kw) in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33)]
+    for W in widths:
+        x = pool[torch.randint(len(pool), (2, 3, 7, W), generator=g)].to(dtype)
+        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+        ours, idx = torch_cnnbp.max_pool2d(x, return_indices=True, **kw)
+        msg = f"{kw_id(kw)}, W={W}"
+        assert torch.equal(idx, ref_idx), msg
+        assert torch.equal(ours.isnan(), ref.isnan()), msg
+        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32])
 def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype, channels_last):
