@@ -218,12 +218,7 @@ class MaxPool2dFunction(_Function):
     def setup_context(ctx, inputs, output):
         input, kernel_size, stride, padding, dilation, ceil_mode = inputs
         ctx.input_shape = input.shape
-        # Windows that hold no input position (dilation stepping over a short input) send no gradient.
-        ctx.empty = [
-            _args.empty_pool_windows(input.shape[2 + d], output[0].shape[2 + d], kernel_size[d], padding[d],
-                                     stride[d], dilation[d])
-            for d in range(2)
-        ]
+        ctx.window = (kernel_size, stride, padding, dilation)
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zeros tensor for the indices' (unused) gradient
@@ -233,7 +228,15 @@ class MaxPool2dFunction(_Function):
         if grad_output is None:  # only the indices were used downstream
             return None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
-        rows, cols = ctx.empty
+        kernel_size, stride, padding, dilation = ctx.window
+        if dilation[0] == 1 and dilation[1] == 1:
+            rows = cols = ()
+        else:  # windows that hold no input position (dilation stepping over a short input) send no gradient
+            rows, cols = (
+                _args.empty_pool_windows(ctx.input_shape[2 + d], grad_output.shape[2 + d], kernel_size[d],
+                                         padding[d], stride[d], dilation[d])
+                for d in range(2)
+            )
         if rows or cols:
             drop = torch.zeros(grad_output.shape[2:], dtype=torch.bool, device=grad_output.device)
             drop[rows, :] = True
