@@ -588,11 +588,11 @@ void max_pool2d_plane_windows(const T* in, T* out, int64_t* idx, const PoolShape
   }
 }
 
-// channels_last (N, H, W, C in memory): for one output pixel, every tap is offered to all C
-// channels at once: the inner loop runs along C, contiguous in memory.
+// channels_last (N, H, W, C in memory): for one output pixel, every tap is offered to channels
+// c0 … C − 1 at once: the inner loop runs along C, contiguous in memory.
 template <typename T>
 CNNBP_ALWAYS_INLINE void max_pool2d_pixel_cl(const T* in_n, T* out_px, int64_t* idx_px, int64_t i, int64_t j,
-                                             int64_t C, const PoolShape& s, at::opmath_type<T>* best,
+                                             int64_t c0, int64_t C, const PoolShape& s, at::opmath_type<T>* best,
                                              int32_t* best_at) {
   using acc_t = at::opmath_type<T>;
   int64_t h0, h1, v0, v1;
@@ -600,7 +600,7 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_cl(const T* in_n, T* out_px, int64_t* 
   window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
   const acc_t low = lowest_value<T>();
   const int32_t first = static_cast<int32_t>(h0 * s.W + v0);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < C; ++c) {
     best[c] = low;
     best_at[c] = first;
   }
@@ -608,13 +608,59 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_cl(const T* in_n, T* out_px, int64_t* 
     for (int64_t v = v0; v < v1; v += s.dw) {
       const T* px = in_n + (h * s.W + v) * C;
       const int32_t at = static_cast<int32_t>(h * s.W + v);
-      for (int64_t c = 0; c < C; ++c) offer(static_cast<acc_t>(px[c]), at, best[c], best_at[c]);
+      for (int64_t c = c0; c < C; ++c) offer(static_cast<acc_t>(px[c]), at, best[c], best_at[c]);
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < C; ++c) {
     out_px[c] = static_cast<T>(best[c]);
     idx_px[c] = best_at[c];
   }
+}
+
+// The same for float and double, L channels at a time (the whole blocks of L): a block's maxima
+// and the positions of their taps stay in registers across all the window's taps. Returns the
+// channels done (C rounded down to a multiple of L), for max_pool2d_pixel_cl to finish.
+template <int L, int PB, typename A>
+CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px, int64_t* idx_px, int64_t i,
+                                                       int64_t j, int64_t C, const PoolShape& s) {
+  using B = PoolBlock<A, PB, L>;
+  using I = typename B::I;
+  using value = typename B::value;
+  using offset = typename B::offset;
+  constexpr int NP = B::kPieces, PL = B::kPieceLanes, PBytes = B::kPieceBytes;
+  int64_t h0, h1, v0, v1;
+  window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
+  window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
+  const A low = lowest_value<A>();
+  const int64_t whole = C / L * L;
+  for (int64_t c0 = 0; c0 < whole; c0 += L) {
+    value best[NP];
+    offset at[NP];
+    for (int p = 0; p < NP; ++p) {
+      best[p] = value{} + low;
+      at[p] = offset{} + static_cast<I>(h0 * s.W + v0);
+    }
+    for (int64_t h = h0; h < h1; h += s.dh) {
+      for (int64_t v = v0; v < v1; v += s.dw) {
+        const A* px = in_n + (h * s.W + v) * C + c0;
+        const offset tap = offset{} + static_cast<I>(h * s.W + v);
+        for (int p = 0; p < NP; ++p) {
+          value x;
+          std::memcpy(&x, px + p * PL, PBytes);
+          const offset take = (x > best[p]) | (x != x);
+          best[p] = take ? x : best[p];
+          at[p] = take ? tap : at[p];
+        }
+      }
+    }
+    I where[L];
+    for (int p = 0; p < NP; ++p) {
+      std::memcpy(out_px + c0 + p * PL, &best[p], PBytes);
+      std::memcpy(where + p * PL, &at[p], PBytes);
+    }
+    for (int l = 0; l < L; ++l) idx_px[c0 + l] = where[l];
+  }
+  return whole;
 }
 
 }  // namespace
@@ -670,7 +716,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
       at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
         std::vector<acc_t> best(plain_2x2 ? 0 : C);
         std::vector<int32_t> best_at(plain_2x2 ? 0 : C);
-        run_with_isa([&]() CNNBP_LAMBDA_INLINE {
+        run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+          constexpr int PB = decltype(isa)::vector_bytes;
           // (n, i, j) of pixel p, stepped along rather than divided out per pixel (with few
           // channels, LeNet's 6, the divisions cost more than the pooling)
           int64_t n = p0 / out_plane, i = (p0 % out_plane) / s.OW, j = p0 % s.OW;
@@ -678,7 +725,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
             if (plain_2x2) {
               max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s);
             } else {
-              max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s, best.data(),
+              int64_t done = 0;
+              if constexpr (std::is_same_v<scalar_t, acc_t> && std::is_floating_point_v<acc_t>)
+                done = max_pool2d_pixel_cl_blocks<64 / int(sizeof(acc_t)), PB>(in + n * in_plane * C, out + p * C,
+                                                                               idx + p * C, i, j, C, s);
+              max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, done, C, s, best.data(),
                                   best_at.data());
             }
             if (++j == s.OW) {

@@ -682,6 +682,27 @@ def test_max_pool2d_nchw_every_output_width(kw):
     assert set(range(1, 40, 2)) <= seen, sorted(set(range(1, 40, 2)) - seen)
 
 
+def test_empty_pool_windows_matches_its_definition():
+    """_args.empty_pool_windows looks only at the windows that reach past an edge; against the
+    definition (no tap of the window inside the input), over every small dilated geometry."""
+    import itertools
+    checked = with_empty = 0
+    for in_len, k, pad, stride, dilation, ceil in itertools.product(range(1, 12), range(1, 6), range(3), range(1, 4),
+                                                                     range(2, 5), (False, True)):
+        if pad > k // 2 or pad > ((k - 1) * dilation + 1) // 2:
+            continue
+        out_len = _args.pooled_size(in_len, k, pad, stride, dilation, ceil)
+        if out_len < 1:
+            continue
+        expected = [i for i in range(out_len)
+                    if not any(0 <= i * stride - pad + m * dilation < in_len for m in range(k))]
+        assert _args.empty_pool_windows(in_len, out_len, k, pad, stride, dilation) == expected, \
+            (in_len, k, pad, stride, dilation, ceil)
+        checked += 1
+        with_empty += bool(expected)
+    assert checked > 1000 and with_empty > 10, (checked, with_empty)
+
+
 @pytest.mark.parametrize("with_nan", [False, True], ids=["no_nan", "nan"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", POOL_CASES, ids=kw_id)
@@ -767,6 +788,26 @@ CL_CASES = [
     dict(kernel_size=3, stride=1, dilation=2, padding=1),
     dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1)),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", CL_CASES[1:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
+def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
+    """channels_last windows other than 2x2 (max_pool2d_pixel_cl_blocks: 64-byte blocks of channels
+    in registers, 16 in float32 and 8 in float64, the channels past the last whole block in
+    max_pool2d_pixel_cl; bfloat16 runs only the latter): channel counts below, on and past the
+    blocks, values from a small set (ties, ±inf, all −inf windows, NaN), values and indices
+    exactly as native's."""
+    g = torch.Generator().manual_seed(13)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    for C in (3, 8, 9, 16, 17, 24, 35):
+        x = pool[torch.randint(len(pool), (2, C, 9, 11), generator=g)].to(dtype)
+        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=torch.channels_last), return_indices=True, **kw)
+        msg = f"{kw_id(kw)}, C={C}"
+        assert torch.equal(idx, ref_idx), msg
+        assert torch.equal(ours.isnan(), ref.isnan()), msg
+        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
 
 
 @pytest.mark.parametrize("kw", CL_CASES, ids=kw_id)

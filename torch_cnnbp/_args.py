@@ -128,5 +128,10 @@ def empty_pool_windows(in_len, out_len, k, pad, stride, dilation):
     if dilation == 1:
         return []
     in_len, out_len = int(in_len), int(out_len)
-    return [i for i in range(out_len)
-            if not any(0 <= i * stride - pad + m * dilation < in_len for m in range(k))]
+    # A window that lies wholly inside the input has all its taps there: only the windows that reach
+    # past an edge (i < first_inside, i > last_inside) are looked at, a few at each end.
+    first_inside = -(-pad // stride)
+    last_inside = (in_len - 1 + pad - dilation * (k - 1)) // stride
+    low_end = min(out_len, first_inside)
+    edges = list(range(low_end)) + list(range(max(low_end, last_inside + 1), out_len))
+    return [i for i in edges if not any(0 <= i * stride - pad + m * dilation < in_len for m in range(k))]
