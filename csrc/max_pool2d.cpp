@@ -467,7 +467,8 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   using A = at::opmath_type<T>;
   constexpr int kFull = 64 / int(sizeof(A));  // outputs per block: 64 bytes, or half that for short rows
   const bool plain_2x2 = is_plain_2x2_stride_2(s);
-  // (the 2×2 blocks read 2L input columns; the last block of a row that would read past it is copied)
+  // Half blocks for short rows: in the buffered kernel where OW ≤ kFull / 2, in the 2×2 one where
+  // OW < kFull (LeNet's rows of 14 outputs: a block of 8 and one of 6).
   const int L = s.OW < (plain_2x2 ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
   const PlaneBlocks<A> b(s, L);
   if (s.H * s.W >= (int64_t(1) << 31) || b.buffer_size() > (int64_t(1) << 22)) return false;
