@@ -729,10 +729,11 @@ def test_max_pool2d_nchw_blocks_ties_inf_nan(kw, dtype, with_nan):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int32])
 def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype, channels_last):
-    """The 2x2 stride-2 paths (max_pool2d_plane_2x2, max_pool2d_pixel_2x2_cl) on values from a small
-    set, so that windows hold ties, NaN, +-inf and all -inf: values and indices as native (first
-    maximum, last NaN), at output widths across the 16-wide blocks, odd input sizes (last row /
-    column unused). Native's channels_last int32 pool is compared on a contiguous copy."""
+    """The 2x2 stride-2 paths (max_pool2d_plane_2x2_blocks, max_pool2d_pixel_2x2_cl; int32 NCHW
+    takes the row kernel) on values from a small set, so that windows hold ties, NaN, +-inf and all
+    -inf: values and indices as native (first maximum, last NaN), at output widths across the
+    16-wide blocks, odd input sizes (last row / column unused). Native's channels_last int32 pool
+    is compared on a contiguous copy."""
     g = torch.Generator().manual_seed(7)
     if dtype.is_floating_point:
         pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
@@ -756,11 +757,12 @@ def test_max_pool2d_2x2_stride_2_ties_nan_inf(dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_max_pool2d_2x2_short_rows_and_few_channels(dtype, channels_last, threads):
-    """The 2x2 stride-2 kernels that run blocks of 128 lanes across rows: NCHW planes with output
-    rows shorter than 16 (max_pool2d_planes_2x2_short_rows: blocks run on across planes, a plane
-    boundary inside a block, a thread's planes starting past 0) and channels_last with fewer than
-    16 channels (max_pool2d_row_2x2_cl: a row of OW·C lanes, more than one block when OW·C > 128).
-    Values from a small set (ties, NaN, ±inf), values and indices against native, then gradients."""
+    """The 2x2 stride-2 kernels on short rows and few channels: NCHW planes with output rows
+    shorter than 16 (max_pool2d_plane_2x2_blocks in half blocks, whose last block of a row reads on
+    into the next rows and planes, copied instead at the end of the input; a thread's planes
+    starting past 0) and channels_last with fewer than 16 channels (max_pool2d_row_2x2_cl: a row
+    of OW·C lanes, more than one block of 128 when OW·C > 128). Values from a small set (ties, NaN,
+    ±inf), values and indices against native, then gradients."""
     set_threads(threads)
     g = torch.Generator().manual_seed(11)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
