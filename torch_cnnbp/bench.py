@@ -32,14 +32,17 @@ Before timing, each case's outputs and gradients are compared with native's (rel
 tolerance per dtype); a disagreement is flagged in the table and the JSON, the timing still runs.
 
 ``--memory``: peak memory of one forward+backward (forward in fwd mode), ours and native each in a
-fresh process (forked from a server that has only imported torch and torch_cnnbp): after a warm-up
-call on a small input (thread pools, library initialisation) and with the inputs allocated, the
-process's peak RSS is reset (``echo 5 > /proc/self/clear_refs``) and the extra resident memory of
-the first call at the case's shape is VmHWM - VmRSS, read from /proc/self/status. It counts every
-page the call touches (output, saved tensors, gradients, scratch buffers of any library), not only
-tensors. Where clear_refs is unavailable, the growth of ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-during the call is used instead (a lower bound: the process may have peaked higher before the call);
-the output says which.
+fresh process (forked from a server that has only imported torch and torch_cnnbp). First a warm-up
+call at the case's batch on images of at most 16x16: thread pools, and the first-use buffers of
+every thread the call runs on (a one-sample warm-up runs on one thread, and the other threads'
+first-use buffers then counted in the measured call: 1.6x native's for LeNet's 6->16 layer, where
+the steady state is 0.6-0.8x). Then, with the inputs allocated, the process's peak RSS is reset
+(``echo 5 > /proc/self/clear_refs``) and the extra resident memory of one call at the case's shape
+(the first, unless its images are that small) is VmHWM - VmRSS, read from /proc/self/status. It
+counts every page the call touches (output, saved tensors, gradients, scratch buffers of any
+library), not only tensors. Where clear_refs is unavailable, the growth of
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` during the call is used instead (a lower bound: the
+process may have peaked higher before the call); the output says which.
 
 Issue 4's targets (section 2) that apply to a run are printed under its summary, marked met or not;
 they are stated for 2 threads.
@@ -410,13 +413,13 @@ def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     dtype, mode = DTYPES[spec["dtype"]], spec["mode"]
     case = Case(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["case"].items()})
-    small = case.with_batch(1)
-    small = dataclasses.replace(small, height=min(case.height, 16), width=min(case.width, 16))
+    small = dataclasses.replace(case, height=min(case.height, 16), width=min(case.width, 16))
     need = [d * (k - 1) + 1 - 2 * p for k, p, d in zip(case.kernel, case.padding, case.dilation)]
     small = dataclasses.replace(small, height=max(small.height, need[0]), width=max(small.width, need[1]))
     fn = op_pair(case)[0 if spec["impl"] == "ours" else 1]
 
-    # Warm-up on a small input: thread pools, library initialisation, the output layout.
+    # Warm-up at the case's batch on small images: thread pools, library initialisation on every
+    # thread the call runs on, the output layout.
     warm = make_inputs(small, dtype, requires_grad=(mode == "fwdbwd"))
     out = fn(*warm)
     if mode == "fwdbwd":
