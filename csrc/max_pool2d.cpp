@@ -246,6 +246,29 @@ struct PoolBlock {
   typedef I offset __attribute__((vector_size(kPieceBytes)));
 };
 
+// offer() for a register of lanes (GCC vectors), lane by lane; kNaN false for values known to hold
+// no NaN (then val > best alone decides).
+template <bool kNaN, typename V, typename M>
+CNNBP_ALWAYS_INLINE void offer_lanes(V val, M at, V& best, M& best_at) {
+  M take = val > best;
+  if constexpr (kNaN) take |= val != val;
+  best = take ? val : best;
+  best_at = take ? at : best_at;
+}
+
+// A block's first n of L maxima and their positions into a row of outputs and indices.
+template <int L, typename T, typename A, typename I>
+CNNBP_ALWAYS_INLINE void store_block(T* __restrict__ out, int64_t* __restrict__ idx, const A (&vals)[L],
+                                     const I (&at)[L], int n) {
+  if (n == L) {
+    for (int l = 0; l < L; ++l) out[l] = static_cast<T>(vals[l]);
+    for (int l = 0; l < L; ++l) idx[l] = at[l];
+  } else {
+    for (int l = 0; l < n; ++l) out[l] = static_cast<T>(vals[l]);
+    for (int l = 0; l < n; ++l) idx[l] = at[l];
+  }
+}
+
 // What the blocks of every plane of one call share: the buffer's geometry and the offset tables.
 template <typename A>
 struct PlaneBlocks {
@@ -337,10 +360,7 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
         for (int p = 0; p < NP; ++p) {
           value v;
           std::memcpy(&v, src + p * PL, PBytes);
-          offset take = v > best[p];
-          if constexpr (kNaN) take |= v != v;
-          best[p] = take ? v : best[p];
-          off[p] = take ? tap : off[p];
+          offer_lanes<kNaN>(v, tap, best[p], off[p]);
         }
       }
       A vals[L];
@@ -352,16 +372,7 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
         std::memcpy(vals + p * PL, &best[p], PBytes);
         std::memcpy(at + p * PL, &off[p], PBytes);
       }
-      T* __restrict__ out_row = out + i * s.OW + j0;
-      int64_t* __restrict__ idx_row = idx + i * s.OW + j0;
-      if (j0 + L <= s.OW) {
-        for (int l = 0; l < L; ++l) out_row[l] = static_cast<T>(vals[l]);
-        for (int l = 0; l < L; ++l) idx_row[l] = at[l];
-      } else {
-        const int n = static_cast<int>(s.OW - j0);
-        for (int l = 0; l < n; ++l) out_row[l] = static_cast<T>(vals[l]);
-        for (int l = 0; l < n; ++l) idx_row[l] = at[l];
-      }
+      store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, static_cast<int>(std::min<int64_t>(L, s.OW - j0)));
     }
   }
 }
@@ -435,27 +446,14 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2_blocks(const T* in, const T* in_en
         std::memcpy(&d, bottom + 2 * p * PL + PL, PBytes);
         value best = __builtin_shuffle(a, b, even);
         offset off = offset{};
-        auto offer_tap = [&](value v, const offset& tap) CNNBP_LAMBDA_INLINE {
-          const offset take = (v > best) | (v != v);
-          best = take ? v : best;
-          off = take ? tap : off;
-        };
-        offer_tap(__builtin_shuffle(a, b, odd), right);
-        offer_tap(__builtin_shuffle(c, d, even), below);
-        offer_tap(__builtin_shuffle(c, d, odd), below_right);
+        offer_lanes<true>(__builtin_shuffle(a, b, odd), right, best, off);
+        offer_lanes<true>(__builtin_shuffle(c, d, even), below, best, off);
+        offer_lanes<true>(__builtin_shuffle(c, d, odd), below_right, best, off);
         off += lane2[p] + (origin + static_cast<I>(2 * j0));
         std::memcpy(vals + p * PL, &best, PBytes);
         std::memcpy(at + p * PL, &off, PBytes);
       }
-      T* __restrict__ out_row = out + i * s.OW + j0;
-      int64_t* __restrict__ idx_row = idx + i * s.OW + j0;
-      if (n == L) {
-        for (int l = 0; l < L; ++l) out_row[l] = static_cast<T>(vals[l]);
-        for (int l = 0; l < L; ++l) idx_row[l] = at[l];
-      } else {
-        for (int l = 0; l < n; ++l) out_row[l] = static_cast<T>(vals[l]);
-        for (int l = 0; l < n; ++l) idx_row[l] = at[l];
-      }
+      store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, n);
     }
   }
 }
@@ -648,18 +646,17 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
         for (int p = 0; p < NP; ++p) {
           value x;
           std::memcpy(&x, px + p * PL, PBytes);
-          const offset take = (x > best[p]) | (x != x);
-          best[p] = take ? x : best[p];
-          at[p] = take ? tap : at[p];
+          offer_lanes<true>(x, tap, best[p], at[p]);
         }
       }
     }
+    A vals[L];
     I where[L];
     for (int p = 0; p < NP; ++p) {
-      std::memcpy(out_px + c0 + p * PL, &best[p], PBytes);
+      std::memcpy(vals + p * PL, &best[p], PBytes);
       std::memcpy(where + p * PL, &at[p], PBytes);
     }
-    for (int l = 0; l < L; ++l) idx_px[c0 + l] = where[l];
+    store_block(out_px + c0, idx_px + c0, vals, where, L);
   }
   return whole;
 }
