@@ -236,8 +236,9 @@ inline bool is_plain_2x2_stride_2(const PoolShape& s) {
 // first maximum wins). A plane holding a NaN also lets every NaN tap take over (the last one wins).
 
 // L lanes of A and of the integer of A's width, as pieces of at most PB bytes (one register each).
-template <typename A, int PB, int L>
+template <typename A_, int PB, int L>
 struct PoolBlock {
+  using A = A_;
   static constexpr int kBytes = L * int(sizeof(A));
   static constexpr int kPieceBytes = kBytes < PB ? kBytes : PB;
   static constexpr int kPieces = kBytes / kPieceBytes, kPieceLanes = kPieceBytes / int(sizeof(A));
@@ -254,6 +255,29 @@ CNNBP_ALWAYS_INLINE void offer_lanes(V val, M at, V& best, M& best_at) {
   if constexpr (kNaN) take |= val != val;
   best = take ? val : best;
   best_at = take ? at : best_at;
+}
+
+// The L values at src (the block's NP register pieces) offered to its running maxima, each lane at
+// position `at`.
+template <bool kNaN, typename B, typename A = typename B::A>
+CNNBP_ALWAYS_INLINE void offer_run(const A* src, typename B::offset at, typename B::value (&best)[B::kPieces],
+                                   typename B::offset (&best_at)[B::kPieces]) {
+  for (int p = 0; p < B::kPieces; ++p) {
+    typename B::value v;
+    std::memcpy(&v, src + p * B::kPieceLanes, B::kPieceBytes);
+    offer_lanes<kNaN>(v, at, best[p], best_at[p]);
+  }
+}
+
+// A block's registers copied out to arrays of its lanes (for store_block).
+template <typename B, int L = B::kPieces * B::kPieceLanes>
+CNNBP_ALWAYS_INLINE void spill_block(const typename B::value (&best)[B::kPieces],
+                                     const typename B::offset (&best_at)[B::kPieces], typename B::A (&vals)[L],
+                                     typename B::I (&at)[L]) {
+  for (int p = 0; p < B::kPieces; ++p) {
+    std::memcpy(vals + p * B::kPieceLanes, &best[p], B::kPieceBytes);
+    std::memcpy(at + p * B::kPieceLanes, &best_at[p], B::kPieceBytes);
+  }
 }
 
 // A block's first n of L maxima and their positions into a row of outputs and indices.
@@ -354,24 +378,15 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
         std::memcpy(&off[p], b.col_first.data() + j0 + p * PL, PBytes);
         off[p] += first_row;
       }
-      for (int t = 0; t < taps; ++t) {
-        const A* src = rows + tap_src[t] + j0;
-        const offset tap = offset{} + tap_off[t];
-        for (int p = 0; p < NP; ++p) {
-          value v;
-          std::memcpy(&v, src + p * PL, PBytes);
-          offer_lanes<kNaN>(v, tap, best[p], off[p]);
-        }
-      }
-      A vals[L];
-      I at[L];
+      for (int t = 0; t < taps; ++t) offer_run<kNaN, B>(rows + tap_src[t] + j0, offset{} + tap_off[t], best, off);
       for (int p = 0; p < NP; ++p) {
         offset col;
         std::memcpy(&col, b.col_at.data() + j0 + p * PL, PBytes);
         off[p] += col + origin;
-        std::memcpy(vals + p * PL, &best[p], PBytes);
-        std::memcpy(at + p * PL, &off[p], PBytes);
       }
+      A vals[L];
+      I at[L];
+      spill_block<B>(best, off, vals, at);
       store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, static_cast<int>(std::min<int64_t>(L, s.OW - j0)));
     }
   }
@@ -626,7 +641,7 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
   using I = typename B::I;
   using value = typename B::value;
   using offset = typename B::offset;
-  constexpr int NP = B::kPieces, PL = B::kPieceLanes, PBytes = B::kPieceBytes;
+  constexpr int NP = B::kPieces;
   int64_t h0, h1, v0, v1;
   window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
   window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
@@ -640,22 +655,12 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
       at[p] = offset{} + static_cast<I>(h0 * s.W + v0);
     }
     for (int64_t h = h0; h < h1; h += s.dh) {
-      for (int64_t v = v0; v < v1; v += s.dw) {
-        const A* px = in_n + (h * s.W + v) * C + c0;
-        const offset tap = offset{} + static_cast<I>(h * s.W + v);
-        for (int p = 0; p < NP; ++p) {
-          value x;
-          std::memcpy(&x, px + p * PL, PBytes);
-          offer_lanes<true>(x, tap, best[p], at[p]);
-        }
-      }
+      for (int64_t v = v0; v < v1; v += s.dw)
+        offer_run<true, B>(in_n + (h * s.W + v) * C + c0, offset{} + static_cast<I>(h * s.W + v), best, at);
     }
     A vals[L];
     I where[L];
-    for (int p = 0; p < NP; ++p) {
-      std::memcpy(vals + p * PL, &best[p], PBytes);
-      std::memcpy(where + p * PL, &at[p], PBytes);
-    }
+    spill_block<B>(best, at, vals, where);
     store_block(out_px + c0, idx_px + c0, vals, where, L);
   }
   return whole;
