@@ -716,6 +716,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
         });
         return;
       }
+      // A 2x2 stride-2 pool in ceil mode has partial windows in its last row and column only: the
+      // windows inside the image take the 2x2 kernel all the same.
+      const bool any_2x2 = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
+                           s.dh == 1 && s.dw == 1;
+      const int64_t OH_in = any_2x2 ? s.H / 2 : 0, OW_in = any_2x2 ? s.W / 2 : 0;  // outputs with whole windows
       at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
         std::vector<acc_t> best(plain_2x2 ? 0 : C);
         std::vector<int32_t> best_at(plain_2x2 ? 0 : C);
@@ -725,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
           // channels, LeNet's 6, the divisions cost more than the pooling)
           int64_t n = p0 / out_plane, i = (p0 % out_plane) / s.OW, j = p0 % s.OW;
           for (int64_t p = p0; p < p1; ++p) {
-            if (plain_2x2) {
+            if (i < OH_in && j < OW_in) {
               max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s);
             } else {
               int64_t done = 0;

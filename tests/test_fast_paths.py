@@ -786,6 +786,7 @@ def test_max_pool2d_2x2_short_rows_and_few_channels(dtype, channels_last, thread
 CL_CHANNELS = (1, 3, 16, 17, 64, 65)
 CL_CASES = [
     dict(kernel_size=2, stride=2),
+    dict(kernel_size=2, stride=2, ceil_mode=True),
     dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
     dict(kernel_size=3, stride=1, dilation=2, padding=1),
     dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1)),
@@ -793,7 +794,28 @@ CL_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kw", CL_CASES[1:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
+@pytest.mark.parametrize("size", [(9, 11), (8, 11), (9, 10)], ids=str)
+def test_max_pool2d_channels_last_2x2_ceil_ties_inf_nan(size, dtype):
+    """channels_last 2x2 stride 2 in ceil mode over odd heights or widths: the windows inside the
+    image take the 2x2 kernel (max_pool2d_pixel_2x2_cl), the partial ones of the last row and
+    column the general kernels. Values from a small set (ties, ±inf, NaN); values and indices
+    exactly as native's, and the gradient through them."""
+    g = torch.Generator().manual_seed(17)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    kw = dict(kernel_size=2, stride=2, ceil_mode=True)
+    for C in (3, 16, 17, 35, 64):
+        x = pool[torch.randint(len(pool), (2, C, *size), generator=g)].to(dtype)
+        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=torch.channels_last), return_indices=True, **kw)
+        msg = f"{size}, C={C}"
+        assert ref.shape[2:] == tuple((d + 1) // 2 for d in size), msg  # the partial windows are there
+        assert torch.equal(idx, ref_idx), msg
+        assert torch.equal(ours.isnan(), ref.isnan()), msg
+        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
     """channels_last windows other than 2x2 (max_pool2d_pixel_cl_blocks: 64-byte blocks of channels
     in registers, 16 in float32 and 8 in float64, the channels past the last whole block in
@@ -1057,7 +1079,7 @@ def run_isa_subset():
                     count += 1
     for C in (1, 17, 65):
         for N in (1, 3):
-            for kw in (CL_CASES[1], OVERLAP_CASES[0]):
+            for kw in (CL_CASES[1], CL_CASES[2], OVERLAP_CASES[0]):
                 x = randn(N, C, 9, 11).contiguous(memory_format=torch.channels_last)
                 run_pool_case(x, kw, threads=2, msg=f"channels_last {kw_id(kw)}, N={N}, C={C}")
                 count += 1
