@@ -151,6 +151,27 @@ def test_grad():
     close(grad(OURS, argnums=(0, 1, 2, 3))(*args), grad(NATIVE, argnums=(0, 1, 2, 3))(*args))
 
 
+def test_tensors_leaked_from_a_transform():
+    """A tensor kept from inside torch.func.grad is a dead functorch wrapper once grad returns; native
+    ops take it as its plain value. So do ours (their apply unwraps dead wrappers, as the stock
+    torch.autograd.Function.apply does), forward and backward, with native's results."""
+    leaked = []
+
+    def f(t):
+        leaked.append(t * 1)
+        return t.sum()
+
+    grad(f)(torch.randn(2, 3, 8, 8, dtype=D))
+    x, w = leaked[0], torch.randn(4, 3, 3, 3, dtype=D, requires_grad=True)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(x)
+    assert torch._C._functorch.unwrap_if_dead(x) is not x  # dead: this is what gets unwrapped
+    close(torch_cnnbp.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+    out = torch_cnnbp.conv2d(x, w, padding=1)
+    close(out, F.conv2d(x, w, padding=1))
+    (gw,) = torch.autograd.grad(out.sum(), w)
+    close(gw, torch.autograd.grad(F.conv2d(x, w, padding=1).sum(), w)[0])
+
+
 def test_jacrev():
     x, w1, b1, _ = tiny_args()
     f_ours = lambda x, w: torch_cnnbp.max_pool2d(torch_cnnbp.conv2d(x, w, b1, padding=1).tanh(), 2)  # noqa: E731

