@@ -35,7 +35,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
                                                       at::IntArrayRef dilation, bool ceil_mode);
 
 at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                               at::IntArrayRef input_size);
+                               at::IntArrayRef input_size, at::OptionalIntArrayRef kernel_size,
+                               at::OptionalIntArrayRef stride, at::OptionalIntArrayRef padding,
+                               at::OptionalIntArrayRef dilation);
 
 // ---- helpers ----------------------------------------------------------------------------------
 

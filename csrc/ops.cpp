@@ -48,7 +48,10 @@ TORCH_LIBRARY(cnnbp, m) {
   // Returns (output, indices); indices are flat positions h * W + w inside each input plane.
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size) -> Tensor");
+  // kernel_size, stride, padding, dilation: the window of the forward that made indices (all four or
+  // none). Given, channels_last windows that tile the input gather rather than scatter; the result is the same.
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size, int[2]? kernel_size=None, "
+        "int[2]? stride=None, int[2]? padding=None, int[2]? dilation=None) -> Tensor");
   m.def("_parallel_threads(int items) -> int", &parallel_threads);
   m.def("_paths() -> str", &build_paths);
   m.def("_conv2d_plan(int[4] input_size, int[4] weight_size, int[2] stride, int[4] padding, int[2] dilation, "

@@ -793,6 +793,60 @@ CL_CASES = [
 ]
 
 
+TILING_CASES = [
+    dict(kernel_size=2, stride=2),
+    dict(kernel_size=2, stride=2, ceil_mode=True),
+    dict(kernel_size=3, stride=3, padding=1),
+    dict(kernel_size=(2, 3), stride=(2, 3), padding=(1, 0), ceil_mode=True),
+]
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kw", TILING_CASES, ids=kw_id)
+def test_max_pool2d_backward_channels_last_tiling_gather(kw, dtype, threads):
+    """channels_last windows that tile the input (kernel = stride): the backward, given the window,
+    gathers (max_pool2d_backward_tiled_cl: each gradient written once, from its window's δ where the
+    index names it). Channel counts on and past the vector blocks (8 and more; fewer take the
+    scatter), odd sizes (rows and columns past the last window), ties, ±inf and NaN inputs, and δ
+    holding −0, NaN and ±inf: bitwise the scatter's result (the op without the window), which is
+    native's; −0 comes out +0, as 0 + (−0) does in the scatter. Indices that this window did not
+    make (another window's, or arbitrary in-plane positions) fall back to the scatter, and give its
+    result too."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(23)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    ops = torch.ops.cnnbp
+    k, st, pad = (_args.pair("max_pool2d", n, kw.get(n, d)) for n, d in (("kernel_size", 1), ("stride", 1), ("padding", 0)))
+    window = (list(k), list(st), list(pad), [1, 1])
+    for C in (8, 16, 17, 35):
+        for N, H, W in ((1, 9, 11), (3, 8, 7)):
+            x = pool[torch.randint(len(pool), (N, C, H, W), generator=g)].to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+            out, idx = ops.max_pool2d(x, *window, kw.get("ceil_mode", False))
+            assert torch.equal(idx, ref_idx)
+            delta = torch.randn(out.shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            special = torch.rand(out.shape, generator=g)
+            delta[special < 0.1] = -0.0
+            delta[(special > 0.1) & (special < 0.15)] = math.nan
+            delta[(special > 0.15) & (special < 0.2)] = -math.inf
+            msg = f"{kw_id(kw)}, C={C}, {N}x{H}x{W}"
+            scatter = ops.max_pool2d_backward(delta, idx, list(x.shape))
+            native = torch.ops.aten.max_pool2d_with_indices_backward(
+                delta, x, k, st, pad, [1, 1], kw.get("ceil_mode", False), idx)
+            for other in (idx, idx.flip(-1), torch.randint(H * W, idx.shape, generator=g)):
+                other = other.contiguous(memory_format=torch.channels_last)
+                got = ops.max_pool2d_backward(delta, other, list(x.shape), *window)
+                want = scatter if other is idx else ops.max_pool2d_backward(delta, other, list(x.shape))
+                assert got.stride() == want.stride(), msg
+                assert torch.equal(got.isnan(), want.isnan()), msg
+                assert torch.equal(got.nan_to_num(), want.nan_to_num()), msg
+                assert torch.equal(got.nan_to_num().signbit(), want.nan_to_num().signbit()), msg
+            assert torch.equal(scatter.isnan(), native.isnan()) and torch.equal(scatter.nan_to_num(), native.nan_to_num()), msg
+            assert not scatter.nan_to_num().eq(0).logical_and(scatter.nan_to_num().signbit()).any(), msg  # no −0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("size", [(9, 11), (8, 11), (9, 10)], ids=str)
 def test_max_pool2d_channels_last_2x2_ceil_ties_inf_nan(size, dtype):

@@ -125,6 +125,20 @@ def test_vmap_max_pool2d_backward_op(dims):
         close(got[i], ops.max_pool2d_backward(*sample, list(x.shape)))
 
 
+@pytest.mark.parametrize("dims", [(0, 0), (None, 0)])
+def test_vmap_max_pool2d_backward_op_with_window(dims):
+    """The window (here a tiling one over channels_last samples: the gather) goes through vmap."""
+    B, x = 3, torch.randn(2, 16, 6, 7, dtype=D).contiguous(memory_format=torch.channels_last)
+    window = ([2, 2], [2, 2], [0, 0], [1, 1])
+    indices = torch.stack([ops.max_pool2d(x + k, *window, False)[1] for k in range(B)])
+    go = torch.randn(B, *indices.shape[1:], dtype=D)
+    args = [go if dims[0] == 0 else go[0], indices]
+    got = vmap(lambda g, i: ops.max_pool2d_backward(g, i, list(x.shape), *window), in_dims=dims)(*args)
+    for i in range(B):
+        sample = [a[i] if d == 0 else a for a, d in zip(args, dims)]
+        close(got[i], ops.max_pool2d_backward(*sample, list(x.shape)))
+
+
 # ---- grad, jacrev, per-sample gradients ---------------------------------------------------------
 
 

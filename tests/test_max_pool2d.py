@@ -390,6 +390,17 @@ def test_opcheck_max_pool2d_backward(dtype, layout):
     x = in_layout(randn(2, 3, 7, 6, dtype=dtype), layout)
     out, idx = ops.max_pool2d(x, [3, 3], [1, 2], [1, 1], [1, 1], True)
     torch.library.opcheck(ops.max_pool2d_backward.default, (randn(*out.shape, dtype=dtype), idx, list(x.shape)))
+    torch.library.opcheck(ops.max_pool2d_backward.default,
+                          (randn(*out.shape, dtype=dtype), idx, list(x.shape), [3, 3], [1, 2], [1, 1], [1, 1]))
+
+
+@pytest.mark.parametrize("C", (3, 16))
+def test_opcheck_max_pool2d_backward_tiling_window(C):
+    """The same with a window that tiles the input (the channels_last gather)."""
+    x = randn(2, C, 7, 6).contiguous(memory_format=torch.channels_last)
+    out, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], True)
+    torch.library.opcheck(ops.max_pool2d_backward.default,
+                          (randn(*out.shape), idx, list(x.shape), [2, 2], [2, 2], [0, 0], [1, 1]))
 
 
 # ---- torch.compile -----------------------------------------------------------------------------
@@ -521,6 +532,23 @@ def test_backward_op_rejects_out_of_range_index(bad_index, layout):
         assert torch.equal(got, reference.view(x.shape))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_backward_op_rejects_a_window_that_does_not_fit():
+    """The window, where given, is checked: all four parts or none, positive sizes, and it must make
+    grad_output's size from input_size (in floor or ceil mode)."""
+    x = randn(2, 16, 9, 8).contiguous(memory_format=torch.channels_last)
+    out, idx = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], True)  # 5x4: ceil mode
+    g, size = torch.ones_like(out), list(x.shape)
+    ops.max_pool2d_backward(g, idx, size, [2, 2], [2, 2], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"give all of kernel_size, stride, padding and dilation"):
+        ops.max_pool2d_backward(g, idx, size, [2, 2], [2, 2], None, [1, 1])
+    with pytest.raises(RuntimeError, match=r"must be positive"):
+        ops.max_pool2d_backward(g, idx, size, [2, 0], [2, 2], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"must have 2 values each"):
+        ops.max_pool2d_backward(g, idx, size, [2, 2, 2], [2, 2], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"is not what kernel_size=\[3, 3\], stride=\[3, 3\]"):
+        ops.max_pool2d_backward(g, idx, size, [3, 3], [3, 3], [0, 0], [1, 1])
 
 
 def test_backward_op_rejects_mismatched_shapes():

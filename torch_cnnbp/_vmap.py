@@ -91,12 +91,14 @@ def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilatio
 
 
 @torch.library.register_vmap("cnnbp::max_pool2d_backward")
-def _max_pool2d_backward_vmap(info, in_dims, grad_output, indices, input_size):
+def _max_pool2d_backward_vmap(info, in_dims, grad_output, indices, input_size, kernel_size=None, stride=None,
+                              padding=None, dilation=None):
     # indices are positions inside each (sample, channel) plane, so folding B into N keeps them valid.
     B = info.batch_size
     grad_input = _ops.max_pool2d_backward(
         _front(grad_output, in_dims[0], B).flatten(0, 1),
         _front(indices, in_dims[1], B).flatten(0, 1),
         [B * input_size[0], *input_size[1:]],
+        kernel_size, stride, padding, dilation,
     )
     return grad_input.unflatten(0, (B, -1)), 0

@@ -105,7 +105,8 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @torch.library.register_fake("cnnbp::max_pool2d_backward")
-def _max_pool2d_backward_fake(grad_output, indices, input_size):
+def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size=None, stride=None, padding=None,
+                              dilation=None):
     return torch.empty(input_size, dtype=grad_output.dtype, device=grad_output.device,
                        memory_format=_pool_memory_format(indices))
 
@@ -254,18 +255,21 @@ class MaxPool2dFunction(_Function):
             drop[rows, :] = True
             drop[:, cols] = True
             grad_output = grad_output.masked_fill(drop, 0)
-        return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape), None, None, None, None, None
+        return (MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_shape, *ctx.window),
+                None, None, None, None, None)
 
 
 class MaxPool2dBackwardFunction(_Function):
     """δ_in = scatter-add of δ through the argmax indices. It is linear in δ, and its adjoint is the
-    gather of the upstream gradient at the same indices."""
+    gather of the upstream gradient at the same indices. The window (kernel_size, stride, padding,
+    dilation) of the forward that made the indices lets the kernel work band by band."""
 
     generate_vmap_rule = True  # torch.func.vmap through forward and backward, by the ops' rules in _vmap.py
 
     @staticmethod
-    def forward(grad_output, indices, input_shape):
-        return _below_autograd(_ops.max_pool2d_backward.default, grad_output, indices, list(input_shape))
+    def forward(grad_output, indices, input_shape, kernel_size, stride, padding, dilation):
+        return _below_autograd(_ops.max_pool2d_backward.default, grad_output, indices, list(input_shape),
+                               kernel_size, stride, padding, dilation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -275,7 +279,7 @@ class MaxPool2dBackwardFunction(_Function):
     def backward(ctx, g_input):
         (indices,) = ctx.saved_tensors
         gathered = g_input.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
-        return gathered, None, None
+        return gathered, None, None, None, None, None, None
 
 
 # ---- autograd on the ops themselves -----------------------------------------------------------
