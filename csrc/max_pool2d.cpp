@@ -996,8 +996,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
     };
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
       // The gather for channels_last tiling windows. Over fewer than 8 channels its channel loop
-      // runs one by one, slower than the scatter (LeNet's 6: 7x); and on NCHW, along rows, it took
-      // 1.0-2.7x the scatter's time (NCHW's scatter works in one plane at a time, in cache).
+      // runs one by one, slower than the scatter (LeNet's 6: 7x as first written); and on NCHW, along
+      // rows, it took 1.0-4.2x the scatter's time (NCHW's scatter works in one plane at a time, in cache).
       if (cl && C >= 8 && window && is_tiling(*window) && max_pool2d_backward_tiled_cl(d, idx, gin, N, C, *window))
         return;
     }
