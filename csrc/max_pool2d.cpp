@@ -43,6 +43,13 @@ int64_t pooled_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int64_t 
   return out;
 }
 
+// The window's fields of s (kernel, stride, padding, dilation: pairs, already checked).
+inline void set_window(PoolShape& s, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation) {
+  s.kh = kernel[0], s.kw = kernel[1], s.sh = stride[0], s.sw = stride[1];
+  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
+}
+
 PoolShape check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
   TORCH_CHECK(input.device().is_cpu() && input.layout() == at::kStrided,
@@ -72,8 +79,7 @@ PoolShape check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel, at::
   PoolShape s;
   s.H = input.size(2), s.W = input.size(3);
   s.planes = input.size(0) * input.size(1);
-  s.kh = kernel[0], s.kw = kernel[1], s.sh = stride[0], s.sw = stride[1];
-  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
+  set_window(s, kernel, stride, padding, dilation);
   s.OH = pooled_size(s.H, s.kh, s.ph, s.sh, s.dh, ceil_mode);
   s.OW = pooled_size(s.W, s.kw, s.pw, s.sw, s.dw, ceil_mode);
   TORCH_CHECK(s.OH >= 1 && s.OW >= 1, "max_pool2d: given input size: (", input.size(1), "x", s.H,
@@ -681,8 +687,7 @@ PoolShape check_backward_window(const at::Tensor& grad_output, at::IntArrayRef i
               "but got kernel_size=", kernel, ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
   PoolShape s;
   s.H = input_size[2], s.W = input_size[3], s.planes = input_size[0] * input_size[1];
-  s.kh = kernel[0], s.kw = kernel[1], s.sh = stride[0], s.sw = stride[1];
-  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1];
+  set_window(s, kernel, stride, padding, dilation);
   s.OH = grad_output.size(2), s.OW = grad_output.size(3);
   auto made = [](int64_t out, int64_t in, int64_t k, int64_t pad, int64_t st, int64_t dil) {
     return out == pooled_size(in, k, pad, st, dil, false) || out == pooled_size(in, k, pad, st, dil, true);
@@ -733,9 +738,8 @@ inline void rows_of(const PoolShape& s, int64_t i, int64_t& h0, int64_t& h1, int
 // (sizeof(int64_t) / sizeof(A) index registers per value register).
 template <typename A, int PB>
 struct GatherVec {
-  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
-  typedef A value __attribute__((vector_size(PB)));
-  typedef I mask __attribute__((vector_size(PB)));
+  using value = typename PoolBlock<A, PB, PB / int(sizeof(A))>::value;  // one register
+  using mask = typename PoolBlock<A, PB, PB / int(sizeof(A))>::offset;
   typedef int64_t index __attribute__((vector_size(PB)));
   static constexpr int kLanes = PB / int(sizeof(A)), kIndexLanes = PB / 8, kIndexRegs = int(8 / sizeof(A));
 
