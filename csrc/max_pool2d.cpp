@@ -639,12 +639,13 @@ CNNBP_ALWAYS_INLINE void max_pool2d_pixel_cl(const T* in_n, T* out_px, int64_t* 
   }
 }
 
-// The same for float and double, L channels at a time (the whole blocks of L): a block's maxima
-// and the positions of their taps stay in registers across all the window's taps. Returns the
-// channels done (C rounded down to a multiple of L), for max_pool2d_pixel_cl to finish.
+// The same for float and double, L channels at a time from c_begin (the whole blocks of L): a
+// block's maxima and the positions of their taps stay in registers across all the window's taps.
+// Returns the channels done (c_begin plus the whole blocks), for a narrower block or
+// max_pool2d_pixel_cl to finish.
 template <int L, int PB, typename A>
 CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px, int64_t* idx_px, int64_t i,
-                                                       int64_t j, int64_t C, const PoolShape& s) {
+                                                       int64_t j, int64_t c_begin, int64_t C, const PoolShape& s) {
   using B = PoolBlock<A, PB, L>;
   using I = typename B::I;
   using value = typename B::value;
@@ -654,8 +655,8 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
   window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
   window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
   const A low = lowest_value<A>();
-  const int64_t whole = C / L * L;
-  for (int64_t c0 = 0; c0 < whole; c0 += L) {
+  int64_t c0 = c_begin;
+  for (; c0 + L <= C; c0 += L) {
     value best[NP];
     offset at[NP];
     for (int p = 0; p < NP; ++p) {
@@ -671,7 +672,7 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
     spill_block<B>(best, at, vals, where);
     store_block(out_px + c0, idx_px + c0, vals, where, L);
   }
-  return whole;
+  return c0;
 }
 
 
@@ -911,9 +912,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
               max_pool2d_pixel_2x2_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, C, s);
             } else {
               int64_t done = 0;
-              if constexpr (std::is_same_v<scalar_t, acc_t> && std::is_floating_point_v<acc_t>)
-                done = max_pool2d_pixel_cl_blocks<64 / int(sizeof(acc_t)), PB>(in + n * in_plane * C, out + p * C,
-                                                                               idx + p * C, i, j, C, s);
+              if constexpr (std::is_same_v<scalar_t, acc_t> && std::is_floating_point_v<acc_t>) {
+                // float: 128-byte blocks first where 256- or 512-bit registers hold them (four or
+                // two independent chains of compares per tap), then a 64-byte one. (For double,
+                // whose offsets are int64 too, the wide block measured no faster.)
+                constexpr int kWide = PB >= 32 && sizeof(acc_t) == 4 ? 128 : 64;
+                done = max_pool2d_pixel_cl_blocks<kWide / int(sizeof(acc_t)), PB>(in + n * in_plane * C, out + p * C,
+                                                                                  idx + p * C, i, j, 0, C, s);
+                if constexpr (kWide != 64)
+                  done = max_pool2d_pixel_cl_blocks<64 / int(sizeof(acc_t)), PB>(in + n * in_plane * C, out + p * C,
+                                                                                 idx + p * C, i, j, done, C, s);
+              }
               max_pool2d_pixel_cl(in + n * in_plane * C, out + p * C, idx + p * C, i, j, done, C, s, best.data(),
                                   best_at.data());
             }

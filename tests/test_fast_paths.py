@@ -871,14 +871,15 @@ def test_max_pool2d_channels_last_2x2_ceil_ties_inf_nan(size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
-    """channels_last windows other than 2x2 (max_pool2d_pixel_cl_blocks: 64-byte blocks of channels
-    in registers, 16 in float32 and 8 in float64, the channels past the last whole block in
-    max_pool2d_pixel_cl; bfloat16 runs only the latter): channel counts below, on and past the
-    blocks, values from a small set (ties, ±inf, all −inf windows, NaN), values and indices
-    exactly as native's."""
+    """channels_last windows other than 2x2 (max_pool2d_pixel_cl_blocks: blocks of channels in
+    registers: in float32 128-byte blocks of 32 under AVX2 or AVX-512, then a 64-byte one of 16; in
+    float64 64-byte blocks of 8; the channels past the last whole block in max_pool2d_pixel_cl;
+    bfloat16 runs only the latter): channel counts below, on and past each kind of block and their
+    mixes (48 = 32 + 16, 56 = 32 + 16 + 8 one by one), values from a small set (ties, ±inf, all −inf
+    windows, NaN), values and indices exactly as native's."""
     g = torch.Generator().manual_seed(13)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
-    for C in (3, 8, 9, 16, 17, 24, 35):
+    for C in (3, 8, 9, 16, 17, 24, 32, 35, 48, 56, 65):
         x = pool[torch.randint(len(pool), (2, C, 9, 11), generator=g)].to(dtype)
         ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
         ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=torch.channels_last), return_indices=True, **kw)
