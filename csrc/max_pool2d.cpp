@@ -414,6 +414,22 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t*
     max_pool2d_plane_blocks<0, 0, false, L, PB>(buf, out, idx, b, s);
 }
 
+// One output (i, j) of a plane by the general scan: from the lowest value at the window's first
+// in-image tap, every in-image tap offered in scan order.
+template <typename T>
+CNNBP_ALWAYS_INLINE void pool_window(const T* in, T* out, int64_t* idx, int64_t i, int64_t j, const PoolShape& s) {
+  using acc_t = at::opmath_type<T>;
+  int64_t h0, h1, v0, v1;
+  window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
+  window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
+  int64_t best_at = h0 * s.W + v0;
+  acc_t best = lowest_value<T>();
+  for (int64_t h = h0; h < h1; h += s.dh)
+    for (int64_t v = v0; v < v1; v += s.dw) offer(static_cast<acc_t>(in[h * s.W + v]), h * s.W + v, best, best_at);
+  *out = static_cast<T>(best);
+  *idx = best_at;
+}
+
 // NCHW, 2×2 stride 2 with every window inside the image, floating types: output row i reads input
 // rows 2i and 2i + 1 directly, L outputs at a time. A block's 2L values of each row are split into
 // even and odd columns (the left and right taps) by vector shuffles, and the four taps offered in
@@ -421,9 +437,14 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t*
 // larger value takes over. The last block of a row may read on past the row's end (into the next
 // rows: its extra lanes are not stored), but never past `in_end`, the end of the input: a block
 // that would is first copied into a local buffer, and so is every block of a half type (converted).
+// Rows r0 … r1 − 1 of all the planes' output rows (row r: plane r / OH, row r % OH), so that small
+// planes (LeNet's 5 rows of 5) cost no set-up each. In ceil mode the windows of the last row and
+// column may hold one input row or column only: those take the general scan (pool_window), the
+// OH_in × OW_in windows inside the image the blocks.
 template <int L, int PB, typename T>
-CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2_blocks(const T* in, const T* in_end, T* out, int64_t* idx,
-                                                     const PoolShape& s) {
+CNNBP_ALWAYS_INLINE void max_pool2d_rows_2x2_blocks(const T* in, const T* in_end, T* out, int64_t* idx,
+                                                    const PoolShape& s, int64_t r0, int64_t r1) {
+  const int64_t OH_in = s.H / 2, OW_in = s.W / 2;
   using A = at::opmath_type<T>;
   using B = PoolBlock<A, PB, L>;
   using I = typename B::I;
@@ -437,26 +458,30 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2_blocks(const T* in, const T* in_en
   const I W = static_cast<I>(s.W);
   const offset right = offset{} + 1, below = offset{} + W, below_right = offset{} + (W + 1);
   A copy[2][2 * L] = {};
-  for (int64_t i = 0; i < s.OH; ++i) {
-    const T* r0 = in + 2 * i * s.W;
-    const T* r1 = r0 + s.W;
+  int64_t plane = r0 / s.OH, i = r0 % s.OH;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* r0p = in + plane * s.H * s.W + 2 * i * s.W;
+    const T* r1p = r0p + s.W;
     const I origin = static_cast<I>(2 * i * s.W);
-    for (int64_t j0 = 0; j0 < s.OW; j0 += L) {
-      const int n = static_cast<int>(std::min<int64_t>(L, s.OW - j0));
+    const int64_t whole = i < OH_in ? std::min(s.OW, OW_in) : 0;  // outputs of this row with whole windows
+    for (int64_t j = whole; j < s.OW; ++j)
+      pool_window(in + plane * s.H * s.W, out + r * s.OW + j, idx + r * s.OW + j, i, j, s);
+    for (int64_t j0 = 0; j0 < whole; j0 += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, whole - j0));
       const A* top = copy[0];
       const A* bottom = copy[1];
       bool direct = false;
       if constexpr (std::is_same_v<T, A>) {
-        if (r1 + 2 * (j0 + L) <= in_end) {
-          top = r0 + 2 * j0;
-          bottom = r1 + 2 * j0;
+        if (r1p + 2 * (j0 + L) <= in_end) {
+          top = r0p + 2 * j0;
+          bottom = r1p + 2 * j0;
           direct = true;
         }
       }
       if (!direct) {
         for (int e = 0; e < 2 * n; ++e) {
-          copy[0][e] = static_cast<A>(r0[2 * j0 + e]);
-          copy[1][e] = static_cast<A>(r1[2 * j0 + e]);
+          copy[0][e] = static_cast<A>(r0p[2 * j0 + e]);
+          copy[1][e] = static_cast<A>(r1p[2 * j0 + e]);
         }
       }
       A vals[L];
@@ -476,8 +501,9 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_2x2_blocks(const T* in, const T* in_en
         std::memcpy(vals + p * PL, &best, PBytes);
         std::memcpy(at + p * PL, &off, PBytes);
       }
-      store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, n);
+      store_block(out + r * s.OW + j0, idx + r * s.OW + j0, vals, at, n);
     }
+    if (++i == s.OH) i = 0, ++plane;
   }
 }
 
@@ -487,7 +513,9 @@ template <typename T>
 bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape& s) {
   using A = at::opmath_type<T>;
   constexpr int kFull = 64 / int(sizeof(A));  // outputs per block: 64 bytes, or half that for short rows
-  const bool plain_2x2 = is_plain_2x2_stride_2(s);
+  // 2×2 stride 2 (floor or ceil mode): the block kernel over rows of all planes
+  const bool plain_2x2 = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
+                         s.dh == 1 && s.dw == 1;
   // Half blocks for short rows: in the buffered kernel where OW ≤ kFull / 2, in the 2×2 one where
   // OW < kFull (LeNet's rows of 14 outputs: a block of 8 and one of 6).
   const int L = s.OW < (plain_2x2 ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
@@ -495,16 +523,24 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   if (s.H * s.W >= (int64_t(1) << 31) || b.buffer_size() > (int64_t(1) << 22)) return false;
   const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
   const T* in_end = in + s.planes * in_plane;
+  if (plain_2x2) {  // split over the output rows of all planes
+    at::parallel_for(0, s.planes * s.OH, grain_for(s.OW * 4), [&](int64_t r0, int64_t r1) {
+      run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+        constexpr int PB = decltype(isa)::vector_bytes;
+        if (L == kFull)
+          max_pool2d_rows_2x2_blocks<kFull, PB>(in, in_end, out, idx, s, r0, r1);
+        else
+          max_pool2d_rows_2x2_blocks<kFull / 2, PB>(in, in_end, out, idx, s, r0, r1);
+      }, blend_isa());
+    });
+    return true;
+  }
   at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
-    std::vector<A> buf(plain_2x2 ? 0 : b.buffer_size());
+    std::vector<A> buf(b.buffer_size());
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes;
       for (int64_t p = p0; p < p1; ++p) {
-        if (plain_2x2 && L == kFull)
-          max_pool2d_plane_2x2_blocks<kFull, PB>(in + p * in_plane, in_end, out + p * out_plane, idx + p * out_plane, s);
-        else if (plain_2x2)
-          max_pool2d_plane_2x2_blocks<kFull / 2, PB>(in + p * in_plane, in_end, out + p * out_plane, idx + p * out_plane, s);
-        else if (L == kFull)
+        if (L == kFull)
           max_pool2d_plane_buffered<kFull, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
         else
           max_pool2d_plane_buffered<kFull / 2, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
@@ -593,21 +629,8 @@ CNNBP_ALWAYS_INLINE void max_pool2d_row_2x2_cl(const T* in_n, T* out_row, int64_
 // The same for planes too large for int32 indices: one window at a time, int64 throughout.
 template <typename T>
 void max_pool2d_plane_windows(const T* in, T* out, int64_t* idx, const PoolShape& s) {
-  using acc_t = at::opmath_type<T>;
-  for (int64_t i = 0; i < s.OH; ++i) {
-    int64_t h0, h1;
-    window(i * s.sh - s.ph, s.kh, s.dh, s.H, h0, h1);
-    for (int64_t j = 0; j < s.OW; ++j) {
-      int64_t v0, v1;
-      window(j * s.sw - s.pw, s.kw, s.dw, s.W, v0, v1);
-      int64_t best_at = h0 * s.W + v0;
-      acc_t best = lowest_value<T>();
-      for (int64_t h = h0; h < h1; h += s.dh)
-        for (int64_t v = v0; v < v1; v += s.dw) offer(static_cast<acc_t>(in[h * s.W + v]), h * s.W + v, best, best_at);
-      out[i * s.OW + j] = static_cast<T>(best);
-      idx[i * s.OW + j] = best_at;
-    }
-  }
+  for (int64_t i = 0; i < s.OH; ++i)
+    for (int64_t j = 0; j < s.OW; ++j) pool_window(in, out + i * s.OW + j, idx + i * s.OW + j, i, j, s);
 }
 
 // channels_last (N, H, W, C in memory): for one output pixel, every tap is offered to channels

@@ -847,20 +847,23 @@ def test_max_pool2d_backward_channels_last_tiling_gather(kw, dtype, threads):
             assert not scatter.nan_to_num().eq(0).logical_and(scatter.nan_to_num().signbit()).any(), msg  # no −0
 
 
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("size", [(9, 11), (8, 11), (9, 10)], ids=str)
-def test_max_pool2d_channels_last_2x2_ceil_ties_inf_nan(size, dtype):
-    """channels_last 2x2 stride 2 in ceil mode over odd heights or widths: the windows inside the
-    image take the 2x2 kernel (max_pool2d_pixel_2x2_cl), the partial ones of the last row and
-    column the general kernels. Values from a small set (ties, ±inf, NaN); values and indices
-    exactly as native's, and the gradient through them."""
+@pytest.mark.parametrize("size", [(9, 11), (8, 11), (9, 10), (3, 3), (17, 40)], ids=str)
+def test_max_pool2d_2x2_ceil_ties_inf_nan(size, dtype, layout):
+    """2x2 stride 2 in ceil mode over odd heights or widths: the windows inside the image take the
+    2x2 kernels (NCHW: max_pool2d_rows_2x2_blocks, rows of all planes in vector blocks;
+    channels_last: max_pool2d_pixel_2x2_cl), the partial ones of the last row and column the
+    general scan (pool_window; channels_last: the general kernels). Values from a small set (ties,
+    ±inf, NaN); values and indices exactly as native's."""
     g = torch.Generator().manual_seed(17)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
     kw = dict(kernel_size=2, stride=2, ceil_mode=True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     for C in (3, 16, 17, 35, 64):
         x = pool[torch.randint(len(pool), (2, C, *size), generator=g)].to(dtype)
         ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
-        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=torch.channels_last), return_indices=True, **kw)
+        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=fmt), return_indices=True, **kw)
         msg = f"{size}, C={C}"
         assert ref.shape[2:] == tuple((d + 1) // 2 for d in size), msg  # the partial windows are there
         assert torch.equal(idx, ref_idx), msg
@@ -1126,7 +1129,7 @@ def run_isa_subset():
         run_conv_case((2, 3, 5, 37), (9, 1, 2, 4), False, dict(groups=3, padding="same"), dtype, 1, msg="depthwise same")
         count += 2
     set_threads(1)
-    for kw in (POOL_CASES[1], POOL_CASES[4], POOL_CASES[6], POOL_CASES[7], POOL_CASES[13], POOL_CASES[3]):
+    for kw in (POOL_CASES[1], POOL_CASES[2], POOL_CASES[4], POOL_CASES[6], POOL_CASES[7], POOL_CASES[13], POOL_CASES[3]):
         for W in (1, 5, 17, 33, 39, 41):
             if pooled_width(W, kw) >= 1:
                 for dtype in (torch.float64, torch.float32, torch.bfloat16):
