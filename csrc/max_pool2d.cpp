@@ -430,10 +430,10 @@ CNNBP_ALWAYS_INLINE void pool_window(const T* in, T* out, int64_t* idx, int64_t 
   *idx = best_at;
 }
 
-// NCHW, 2×2 stride 2 with every window inside the image, floating types: output row i reads input
-// rows 2i and 2i + 1 directly, L outputs at a time. A block's 2L values of each row are split into
-// even and odd columns (the left and right taps) by vector shuffles, and the four taps offered in
-// scan order: the first starts the maximum (it is always in the image), and a NaN or a strictly
+// NCHW, 2×2 stride 2, floating types: output row i reads input rows 2i and 2i + 1 directly, L
+// outputs at a time. A block's 2L values of each row are split into even and odd columns (the left
+// and right taps) by vector shuffles, and the four taps offered in scan order: the first starts the
+// maximum (a whole window's first tap is in the image), and a NaN or a strictly
 // larger value takes over. The last block of a row may read on past the row's end (into the next
 // rows: its extra lanes are not stored), but never past `in_end`, the end of the input: a block
 // that would is first copied into a local buffer, and so is every block of a half type (converted).
@@ -514,16 +514,16 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   using A = at::opmath_type<T>;
   constexpr int kFull = 64 / int(sizeof(A));  // outputs per block: 64 bytes, or half that for short rows
   // 2×2 stride 2 (floor or ceil mode): the block kernel over rows of all planes
-  const bool plain_2x2 = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
-                         s.dh == 1 && s.dw == 1;
+  const bool two_by_two = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
+                          s.dh == 1 && s.dw == 1;
   // Half blocks for short rows: in the buffered kernel where OW ≤ kFull / 2, in the 2×2 one where
   // OW < kFull (LeNet's rows of 14 outputs: a block of 8 and one of 6).
-  const int L = s.OW < (plain_2x2 ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
+  const int L = s.OW < (two_by_two ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
   const PlaneBlocks<A> b(s, L);
   if (s.H * s.W >= (int64_t(1) << 31) || b.buffer_size() > (int64_t(1) << 22)) return false;
   const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
   const T* in_end = in + s.planes * in_plane;
-  if (plain_2x2) {  // split over the output rows of all planes
+  if (two_by_two) {  // split over the output rows of all planes
     at::parallel_for(0, s.planes * s.OH, grain_for(s.OW * 4), [&](int64_t r0, int64_t r1) {
       run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
         constexpr int PB = decltype(isa)::vector_bytes;
