@@ -225,9 +225,11 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
 // (top-left, top-right, bottom-left, bottom-right). The first tap is always in the image, so it
 // starts the running maximum (the same result as offering it to −inf: only a −inf first tap keeps
 // the lowest value, with its own index, either way).
-inline bool is_plain_2x2_stride_2(const PoolShape& s) {
-  return s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 && s.dh == 1 && s.dw == 1 &&
-         2 * s.OH <= s.H && 2 * s.OW <= s.W;
+inline bool is_2x2_stride_2(const PoolShape& s) {  // the window alone (floor or ceil mode)
+  return s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 && s.dh == 1 && s.dw == 1;
+}
+inline bool is_plain_2x2_stride_2(const PoolShape& s) {  // and every window inside the image
+  return is_2x2_stride_2(s) && 2 * s.OH <= s.H && 2 * s.OW <= s.W;
 }
 
 // ---- NCHW, floating types: the plane padded and phase-split once, windows in registers ----------
@@ -514,8 +516,7 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   using A = at::opmath_type<T>;
   constexpr int kFull = 64 / int(sizeof(A));  // outputs per block: 64 bytes, or half that for short rows
   // 2×2 stride 2 (floor or ceil mode): the block kernel over rows of all planes
-  const bool two_by_two = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
-                          s.dh == 1 && s.dw == 1;
+  const bool two_by_two = is_2x2_stride_2(s);
   // Half blocks for short rows: in the buffered kernel where OW ≤ kFull / 2, in the 2×2 one where
   // OW < kFull (LeNet's rows of 14 outputs: a block of 8 and one of 6).
   const int L = s.OW < (two_by_two ? kFull : kFull / 2 + 1) ? kFull / 2 : kFull;
@@ -919,8 +920,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
       }
       // A 2x2 stride-2 pool in ceil mode has partial windows in its last row and column only: the
       // windows inside the image take the 2x2 kernel all the same.
-      const bool any_2x2 = s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && s.ph == 0 && s.pw == 0 &&
-                           s.dh == 1 && s.dw == 1;
+      const bool any_2x2 = is_2x2_stride_2(s);
       const int64_t OH_in = any_2x2 ? s.H / 2 : 0, OW_in = any_2x2 ? s.W / 2 : 0;  // outputs with whole windows
       at::parallel_for(0, N * out_plane, grain_for(C * s.kh * s.kw), [&](int64_t p0, int64_t p1) {
         std::vector<acc_t> best(plain_2x2 ? 0 : C);
