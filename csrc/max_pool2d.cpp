@@ -1039,28 +1039,59 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
     }
     if (cl && N < at::get_num_threads() && in_plane >= 2 * at::get_num_threads() && N * in_plane * C >= 32768) {
       // Fewer samples than threads: each thread owns a band of input pixels of every sample, zeroes
-      // it, and scans all outputs for the adds that land in it. (A gradient's terms are added in
-      // output order either way.)
+      // it, and takes the adds that land in it, in output order (the order of a gradient's terms on
+      // any split). Given the window, a thread scans only the output rows whose windows reach its
+      // band's rows: an index inside its window's rows cannot land anywhere else. An index outside
+      // them (not one the forward made) may land in the band of a thread that skipped its row: the
+      // threads that scan the row see it, and then every thread scans every output instead.
       const int64_t threads = at::get_num_threads();
-      at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t lo = in_plane * t / threads, hi = in_plane * (t + 1) / threads;
-          for (int64_t n = 0; n < N; ++n) {
-            scalar_t* g = gin + n * in_plane * C;
-            std::fill(g + lo * C, g + hi * C, scalar_t(0));
-            for (int64_t ij = 0; ij < out_plane; ++ij) {
-              const int64_t off = (n * out_plane + ij) * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t at = idx[off + c];
-                if (at >= lo && at < hi)
-                  g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
-                else
-                  check(at, d[off + c]);
+      const int64_t H = input_size[2], W = input_size[3], OH = grad_output.size(2), OW = grad_output.size(3);
+      auto top = [&](int64_t i) { return i * window->sh - window->ph; };  // a window's first and last row
+      auto bottom = [&](int64_t i) { return top(i) + (window->kh - 1) * window->dh; };
+      bool rows_known = window.has_value();  // and every output row's window reaches the input
+      for (int64_t i = 0; rows_known && i < OH; ++i) rows_known = top(i) < H && bottom(i) >= 0;
+      auto bands = [&](bool by_rows) {
+        std::atomic<bool> stray{false};
+        at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+          // (local copies: read through the captures, the pointers were loaded again for every add)
+          const scalar_t* const dp = d;
+          const int64_t* const ip = idx;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t lo = in_plane * t / threads, hi = in_plane * (t + 1) / threads;
+            int64_t i0 = 0, i1 = OH;  // the output rows scanned
+            if (by_rows) {
+              const int64_t r0 = lo / W, r1 = (hi - 1) / W;
+              while (i0 < OH && bottom(i0) < r0) ++i0;
+              while (i1 > i0 && top(i1 - 1) > r1) --i1;
+            }
+            for (int64_t n = 0; n < N; ++n) {
+              scalar_t* g = gin + n * in_plane * C;
+              std::fill(g + lo * C, g + hi * C, scalar_t(0));
+              for (int64_t i = i0; i < i1; ++i) {
+                // the pixels of the window's rows (by_rows only)
+                const int64_t rows_lo = by_rows ? std::max<int64_t>(top(i), 0) * W : 0;
+                const int64_t rows_hi = by_rows ? (std::min(bottom(i), H - 1) + 1) * W : 0;
+                for (int64_t ij = i * OW; ij < (i + 1) * OW; ++ij) {
+                  const int64_t off = (n * out_plane + ij) * C;
+                  for (int64_t c = 0; c < C; ++c) {
+                    const int64_t at = ip[off + c];
+                    if (at >= lo && at < hi)
+                      g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(dp[off + c]));
+                    else if (at >= rows_lo && at < rows_hi)
+                      continue;  // another band's, whose thread scans this row
+                    else if (by_rows && inside(at))
+                      stray.store(true, std::memory_order_relaxed);
+                    else
+                      check(at, dp[off + c]);
+                  }
+                }
               }
             }
           }
-        }
-      });
+        });
+        return !stray.load();
+      };
+      if (!rows_known || !bands(true)) bands(false);
     } else if (cl) {
       // Split over (sample, block of channels): a block's gradients are written by one thread.
       // Whole samples when there are enough of them, else blocks of 64 channels.

@@ -534,6 +534,92 @@ def test_backward_op_rejects_out_of_range_index(bad_index, layout):
         torch.set_num_threads(threads)
 
 
+BAND_WINDOWS = [  # (C, H, W, kernel, stride, padding, dilation, ceil_mode): one sample, channels_last
+    (64, 112, 112, (3, 3), (2, 2), (1, 1), (1, 1), False),  # ResNet's pool
+    (32, 56, 56, (3, 3), (1, 1), (1, 1), (1, 1), False),
+    (96, 55, 55, (3, 3), (2, 2), (0, 0), (1, 1), True),
+    (24, 37, 41, (2, 3), (1, 2), (1, 1), (2, 1), False),  # dilated rows
+    (40, 33, 30, (5, 5), (3, 3), (2, 2), (1, 1), True),
+    (48, 29, 31, (1, 2), (2, 1), (0, 1), (1, 1), False),  # rows that no window reads
+    (16, 60, 61, (4, 4), (4, 4), (2, 2), (1, 1), True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", BAND_WINDOWS, ids=[f"{c[0]}x{c[1]}x{c[2]}-k{c[3]}s{c[4]}p{c[5]}d{c[6]}" for c in BAND_WINDOWS])
+def test_backward_bands_scan_the_rows_their_windows_reach(case, dtype):
+    """channels_last, fewer samples than threads, the window given (as the autograd passes it): each
+    thread scans only the output rows whose windows reach its band of input rows. Gradients bitwise
+    native's (ties, and pixels that win several windows), and the same as the scan of every output
+    (the backward called without the window)."""
+    C, H, W, kernel, stride, padding, dilation, ceil_mode = case
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(H * W)).mul(2).round().to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out, idx = ops.max_pool2d(x, list(kernel), list(stride), list(padding), list(dilation), ceil_mode)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(C)).to(dtype)
+        g = g.contiguous(memory_format=torch.channels_last)
+        got = ops.max_pool2d_backward(g, idx, list(x.shape), list(kernel), list(stride), list(padding), list(dilation))
+        every = ops.max_pool2d_backward(g, idx, list(x.shape))
+        expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, list(kernel), list(stride), list(padding),
+                                                                   list(dilation), ceil_mode, idx)
+        assert torch.equal(got, every)
+        assert torch.equal(got, expected)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backward_bands_take_indices_outside_their_windows():
+    """Indices that are not taps of their windows (not made by the forward, but inside the plane) may
+    land in the band of a thread that skipped their output row: the call then scans every output, and
+    the gradient is still every δ added where its index names (a scatter_add); an index outside the
+    plane is still an error. And a window whose padding leaves output rows that read no input row
+    (possible when the backward op is called directly) takes the scan of every output."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = randn(1, 16, 48, 45, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        window = ([3, 3], [2, 2], [1, 1], [1, 1])
+        out, idx = ops.max_pool2d(x, *window, False)
+        g = torch.randn_like(out)
+
+        def scatter(idx):
+            flat = torch.zeros(1, 16, 48 * 45, dtype=torch.float64)
+            return flat.scatter_add_(2, idx.flatten(2), g.double().flatten(2)).view(x.shape)
+
+        for bad in [(0, 3, 0, 0, 47 * 45 + 44), (0, 5, 23, 22, 0), (0, 7, 0, 10, 24 * 45 + 3)]:
+            stray = idx.clone()
+            stray[bad[:4]] = bad[4]
+            got = ops.max_pool2d_backward(g, stray, list(x.shape), *window)
+            assert torch.equal(got, ops.max_pool2d_backward(g, stray, list(x.shape)))
+            torch.testing.assert_close(got.double(), scatter(stray), rtol=1e-6, atol=1e-6)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+        outside = idx.clone()
+        outside[0, 2, 20, 11] = 48 * 45
+        with pytest.raises(RuntimeError, match=r"index 2160 is outside the input plane of 2160 elements"):
+            ops.max_pool2d_backward(g, outside, list(x.shape), *window)
+
+        # kernel 2, stride 2, padding 5 (more than native's forward allows): output rows 0-1 and 27-28 read
+        # only padding; their windows are empty, their indices point outside and their δ are zero
+        size = [1, 16, 48, 48]
+        xs = randn(*size, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        inner, inner_idx = ops.max_pool2d(xs, [2, 2], [2, 2], [1, 1], [1, 1], False)  # the 25x25 inside
+        assert inner.shape[-2:] == (25, 25)
+        grad = torch.zeros(1, 16, 29, 29)
+        indices = torch.full((1, 16, 29, 29), -1, dtype=torch.long)
+        grad[..., 2:27, 2:27] = torch.randn(1, 16, 25, 25)
+        indices[..., 2:27, 2:27] = inner_idx
+        grad, indices = (t.contiguous(memory_format=torch.channels_last) for t in (grad, indices))
+        got = ops.max_pool2d_backward(grad, indices, size, [2, 2], [2, 2], [5, 5], [1, 1])
+        expected = ops.max_pool2d_backward(grad[..., 2:27, 2:27], inner_idx, size, [2, 2], [2, 2], [1, 1], [1, 1])
+        assert torch.equal(got, expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_op_rejects_a_window_that_does_not_fit():
     """The window, where given, is checked: all four parts or none, positive sizes, and it must make
     grad_output's size from input_size (in floor or ceil mode)."""
