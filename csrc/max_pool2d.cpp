@@ -1068,9 +1068,9 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
               scalar_t* g = gin + n * in_plane * C;
               std::fill(g + lo * C, g + hi * C, scalar_t(0));
               for (int64_t i = i0; i < i1; ++i) {
-                // the pixels of the window's rows (by_rows only)
-                const int64_t rows_lo = by_rows ? std::max<int64_t>(top(i), 0) * W : 0;
-                const int64_t rows_hi = by_rows ? (std::min(bottom(i), H - 1) + 1) * W : 0;
+                int64_t h0 = 0, h1 = 0;  // the window's rows in the image (by_rows only)
+                if (by_rows) cnnbp::window(top(i), window->kh, window->dh, H, h0, h1);
+                const int64_t rows_lo = h0 * W, rows_hi = h1 * W;  // and their pixels
                 for (int64_t ij = i * OW; ij < (i + 1) * OW; ++ij) {
                   const int64_t off = (n * out_plane + ij) * C;
                   for (int64_t c = 0; c < C; ++c) {
