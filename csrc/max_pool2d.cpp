@@ -403,11 +403,13 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
 }
 
 // One plane: the buffer, then the blocks, with the window unrolled for 2×2 and 3×3.
-template <int L, int PB, typename T, typename A>
+// PB: the register width; CB: the width for the NaN planes' combined comparisons
+// (IsaTag::compare_bytes).
+template <int L, int PB, int CB, typename T, typename A>
 CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t* idx, A* buf, const PlaneBlocks<A>& b,
                                                    const PoolShape& s) {
   if (fill_plane(in, buf, b, s))
-    max_pool2d_plane_blocks<0, 0, true, L, PB>(buf, out, idx, b, s);
+    max_pool2d_plane_blocks<0, 0, true, L, CB>(buf, out, idx, b, s);
   else if (s.kh == 2 && s.kw == 2)
     max_pool2d_plane_blocks<2, 2, false, L, PB>(buf, out, idx, b, s);
   else if (s.kh == 3 && s.kw == 3)
@@ -527,24 +529,24 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   if (two_by_two) {  // split over the output rows of all planes
     at::parallel_for(0, s.planes * s.OH, grain_for(s.OW * 4), [&](int64_t r0, int64_t r1) {
       run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
-        constexpr int PB = decltype(isa)::vector_bytes;
+        constexpr int PB = decltype(isa)::compare_bytes;  // NaN or larger: combined comparisons
         if (L == kFull)
           max_pool2d_rows_2x2_blocks<kFull, PB>(in, in_end, out, idx, s, r0, r1);
         else
           max_pool2d_rows_2x2_blocks<kFull / 2, PB>(in, in_end, out, idx, s, r0, r1);
-      }, blend_isa());
+      }, compare_isa());
     });
     return true;
   }
   at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
     std::vector<A> buf(b.buffer_size());
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
-      constexpr int PB = decltype(isa)::vector_bytes;
+      constexpr int PB = decltype(isa)::vector_bytes, CB = decltype(isa)::compare_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         if (L == kFull)
-          max_pool2d_plane_buffered<kFull, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+          max_pool2d_plane_buffered<kFull, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
         else
-          max_pool2d_plane_buffered<kFull / 2, PB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+          max_pool2d_plane_buffered<kFull / 2, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
       }
     }, blend_isa());
   });
@@ -857,12 +859,12 @@ bool max_pool2d_backward_tiled_cl(const T* d, const int64_t* idx, T* gin, int64_
   at::parallel_for(0, N * s.OH, grain_for(s.sh * s.W * C), [&](int64_t r0, int64_t r1) {
     int64_t found = 0;
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
-      constexpr int PB = decltype(isa)::vector_bytes;
+      constexpr int PB = decltype(isa)::compare_bytes;  // the matches are counted
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / s.OH, i = r % s.OH;
         found += tiled_gather_rows_cl<PB>(d + r * s.OW * C, idx + r * s.OW * C, gin + n * in_plane * C, i, C, s);
       }
-    }, blend_isa());
+    }, compare_isa());
     matched += found;
   });
   return matched.load() == N * C * out_plane;
@@ -926,7 +928,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
         std::vector<acc_t> best(plain_2x2 ? 0 : C);
         std::vector<int32_t> best_at(plain_2x2 ? 0 : C);
         run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
-          constexpr int PB = decltype(isa)::vector_bytes;
+          constexpr int PB = decltype(isa)::compare_bytes;  // NaN or larger: combined comparisons
           // (n, i, j) of pixel p, stepped along rather than divided out per pixel (with few
           // channels, LeNet's 6, the divisions cost more than the pooling)
           int64_t n = p0 / out_plane, i = (p0 % out_plane) / s.OW, j = p0 % s.OW;
@@ -936,8 +938,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
             } else {
               int64_t done = 0;
               if constexpr (std::is_same_v<scalar_t, acc_t> && std::is_floating_point_v<acc_t>) {
-                // float: 128-byte blocks first where 256- or 512-bit registers hold them (four or
-                // two independent chains of compares per tap), then a 64-byte one. (For double,
+                // float: 128-byte blocks first where 256-bit registers hold them (four independent
+                // chains of compares per tap), then a 64-byte one. (For double,
                 // whose offsets are int64 too, the wide block measured no faster.)
                 constexpr int kWide = PB >= 32 && sizeof(acc_t) == 4 ? 128 : 64;
                 done = max_pool2d_pixel_cl_blocks<kWide / int(sizeof(acc_t)), PB>(in + n * in_plane * C, out + p * C,
@@ -954,7 +956,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
               if (++i == s.OH) i = 0, ++n;
             }
           }
-        }, blend_isa());
+        }, compare_isa());
       });
       return;
     }

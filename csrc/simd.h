@@ -51,11 +51,22 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "portable";
 }
 
-// What a kernel body compiled for one ISA may know of it: the widest vector its registers hold.
+// What a kernel body compiled for one ISA may know of it: the widest vector its registers hold, and
+// the widest GCC vector whose comparison results it may keep as values.
+//
+// compare_bytes: a comparison of two 64-byte GCC vectors yields, on AVX-512, a mask register, not
+// a vector. The always-inline helpers the kernels call are compiled outside the AVX-512 target,
+// where the result of `a > b` is typed as a vector of 32-bit booleans; once inlined into the
+// AVX-512 wrapper, GCC 12 can compute that type only one lane at a time, and splits any use of it
+// other than as the condition of a select (`take |= a != a`, `count -= m`, a mask kept in an int
+// vector) into a scalar compare and insert per lane. The channels_last 3x3 stride-2 pool forward ran
+// 15x slower than at 256 bits that way. 32-byte comparisons (AVX-512VL) are vectors and stay whole.
+// Loops that only select on a comparison (`best = v > best ? v : best`) may use vector_bytes.
 template <Isa I>
 struct IsaTag {
   static constexpr Isa isa = I;
   static constexpr int vector_bytes = I == Isa::avx512 ? 64 : I == Isa::avx2 ? 32 : 16;
+  static constexpr int compare_bytes = vector_bytes > 32 ? 32 : vector_bytes;
 };
 
 // f(IsaTag<I>{}) where f takes the tag (a generic lambda `[&](auto isa) …`), else f().
@@ -90,6 +101,12 @@ inline Isa blend_isa() {
   return Isa::portable;
 #endif
 }
+
+// The ISA for blend loops that combine comparisons (IsaTag::compare_bytes wide): at most AVX2.
+// Their 256-bit code measured 15-40% slower compiled into the AVX-512 wrapper than into the AVX2 one
+// on an Intel Xeon (a 3x3 stride-2 channels_last pool forward: 0.53 against 0.37-0.41 ms; NCHW 2x2:
+// 1.23 against 0.86-0.94).
+inline Isa compare_isa() { return blend_isa() == Isa::avx512 ? Isa::avx2 : blend_isa(); }
 
 // f must be declared `[&]() CNNBP_LAMBDA_INLINE { ... }` (or `[&](auto isa) CNNBP_LAMBDA_INLINE`,
 // to be told the ISA as an IsaTag) so that its body (and the always-inline helpers it calls) is
