@@ -33,9 +33,13 @@ int64_t parallel_threads(int64_t items) {
   return __builtin_popcountll(seen.load());
 }
 
-// Diagnostic: which code paths this process runs, e.g. "isa=avx512 gemm=blas" (csrc/simd.h, gemm.h).
+// Diagnostic: which code paths this process runs, e.g. "isa=avx512 gemm=blas pool=avx512/avx2"
+// (csrc/simd.h, gemm.h; pool: the widths of max_pool2d's select loops / of its loops that combine
+// comparisons).
 std::string build_paths() {
-  return std::string("isa=") + isa_name(active_isa()) + " gemm=" + gemm_backend();
+  auto capped = [](Isa isa) { return static_cast<int>(isa) < static_cast<int>(active_isa()) ? isa : active_isa(); };
+  return std::string("isa=") + isa_name(active_isa()) + " gemm=" + gemm_backend() + " pool=" +
+         isa_name(capped(blend_isa())) + "/" + isa_name(capped(compare_isa()));
 }
 
 TORCH_LIBRARY(cnnbp, m) {

@@ -1170,13 +1170,26 @@ def isa_runs():
     (products on ATen's BLAS), the AVX2 path with either GEMM backend (ATen's BLAS by default, the own
     AVX2 GEMM with CNNBP_GEMM=own), and on AVX-512 CPUs the GEMM backend this process does not use by
     default, so that every backend this CPU can run runs."""
-    runs = [({"CNNBP_SIMD": "portable"}, "isa=portable gemm=blas"), ({"CNNBP_SIMD": "avx2"}, "isa=avx2 gemm=blas"),
-            ({"CNNBP_SIMD": "avx2", "CNNBP_GEMM": "own"}, "isa=avx2 gemm=own")]
+    runs = [({"CNNBP_SIMD": "portable"}, "isa=portable gemm=blas pool=portable/portable"),
+            ({"CNNBP_SIMD": "avx2"}, "isa=avx2 gemm=blas pool=avx2/avx2"),
+            ({"CNNBP_SIMD": "avx2", "CNNBP_GEMM": "own"}, "isa=avx2 gemm=own pool=avx2/avx2")]
     paths = torch.ops.cnnbp._paths()
     if paths.startswith("isa=avx512") and "CNNBP_SIMD" not in os.environ:
         other = "blas" if "gemm=own" in paths else "own"
-        runs.append(({"CNNBP_GEMM": other}, f"isa=avx512 gemm={other}"))
+        pool = paths.split(" pool=")[1]  # by vendor (simd.h: blend_isa), not by the GEMM backend
+        runs.append(({"CNNBP_GEMM": other}, f"isa=avx512 gemm={other} pool={pool}"))
     return runs
+
+
+def test_pool_loops_that_combine_comparisons_run_at_256_bits_at_most():
+    """max_pool2d's loops that combine comparisons (NaN or larger, counted matches) run in the AVX2
+    wrapper on AVX-512 CPUs (csrc/simd.h: compare_isa; in the AVX-512 one GCC computed their
+    64-byte comparisons a lane at a time), the select-only loops at blend_isa's width."""
+    fields = dict(f.split("=") for f in torch.ops.cnnbp._paths().split())
+    select, combine = fields["pool"].split("/")
+    isa = fields["isa"]
+    assert combine == ("avx2" if isa == "avx512" else isa)
+    assert select in ((isa, "avx2") if isa == "avx512" else (isa,))
 
 
 def test_isa_paths_in_fresh_processes():

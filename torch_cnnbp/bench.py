@@ -566,6 +566,11 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
+        import torch_cnnbp  # noqa: F401 (loads the ops)
+        info["paths"] = torch.ops.cnnbp._paths()
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    try:
         import torch_cnnbp
         ext = torch_cnnbp._C.__file__
         with open(ext, "rb") as f:
@@ -761,7 +766,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = machine_info()
     print(f"torch_cnnbp bench: {machine['cpu_model']}, {machine.get('usable_cpus', machine['logical_cpus'])} "
           f"usable CPUs, torch {machine['torch']}, {machine['date']}, load average {load_average()}"
-          + (f", commit {machine['git_commit']}" if "git_commit" in machine else ""))
+          + (f", commit {machine['git_commit']}" if "git_commit" in machine else "")
+          + (f", paths {machine['paths']}" if "paths" in machine else ""))
     print(f"dtype {args.dtype}, mode {args.mode}, {'quick' if args.quick else 'full'} "
           f"({budget.warmup_rounds} warm-up rounds, ~{budget.seconds:g} s per case, "
           f"{budget.min_rounds}-{budget.max_rounds} interleaved rounds), {len(cases)} cases, "
