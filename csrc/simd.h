@@ -58,10 +58,11 @@ inline const char* isa_name(Isa isa) {
 // a vector. The always-inline helpers the kernels call are compiled outside the AVX-512 target,
 // where the result of `a > b` is typed as a vector of 32-bit booleans; once inlined into the
 // AVX-512 wrapper, GCC 12 can compute that type only one lane at a time, and splits any use of it
-// other than as the condition of a select (`take |= a != a`, `count -= m`, a mask kept in an int
-// vector) into a scalar compare and insert per lane. The channels_last 3x3 stride-2 pool forward ran
-// 15x slower than at 256 bits that way. 32-byte comparisons (AVX-512VL) are vectors and stay whole.
-// Loops that only select on a comparison (`best = v > best ? v : best`) may use vector_bytes.
+// other than as the condition of selects (two comparisons combined, `take |= a != a`; matches
+// counted, `count -= m`) into a scalar compare and insert per lane. The channels_last 3x3 stride-2
+// pool forward ran 15x slower than at 256 bits that way. 32-byte comparisons (AVX-512VL) are
+// vectors and stay whole. Loops that only select on one comparison (`take = v > best;
+// best = take ? v : best; at = take ? t : at`) may use vector_bytes.
 template <Isa I>
 struct IsaTag {
   static constexpr Isa isa = I;
