@@ -1033,10 +1033,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
                   " is outside the input plane of ", in_plane, " elements");
     };
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      // The gather for channels_last tiling windows. Over fewer than 8 channels its channel loop
-      // runs one by one, slower than the scatter (LeNet's 6: 7x as first written); and on NCHW, along
-      // rows, it took 1.0-4.2x the scatter's time (NCHW's scatter works in one plane at a time, in cache).
-      if (cl && C >= 8 && window && is_tiling(*window) && max_pool2d_backward_tiled_cl(d, idx, gin, N, C, *window))
+      // The gather for channels_last tiling windows, over 16 channels or more. Over fewer, its
+      // channel loop is one or two vectors and a tail per pixel, slower than the scatter (LeNet's
+      // 6: 7x as first written; 2x2 stride 2 at 28x28, batch 64, float32, 2 threads: 8 channels
+      // 135-139 against 107-109 us, 12: 235-238 against 174-176; at 16, 208-214 against 232-236);
+      // and on NCHW, along rows, it took 1.0-4.2x the scatter's time (NCHW's scatter works in one
+      // plane at a time, in cache).
+      if (cl && C >= 16 && window && is_tiling(*window) && max_pool2d_backward_tiled_cl(d, idx, gin, N, C, *window))
         return;
     }
     if (cl && N < at::get_num_threads() && in_plane >= 2 * at::get_num_threads() && N * in_plane * C >= 32768) {
