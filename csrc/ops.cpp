@@ -37,9 +37,8 @@ int64_t parallel_threads(int64_t items) {
 // (csrc/simd.h, gemm.h; pool: the widths of max_pool2d's select loops / of its loops that combine
 // comparisons).
 std::string build_paths() {
-  auto capped = [](Isa isa) { return static_cast<int>(isa) < static_cast<int>(active_isa()) ? isa : active_isa(); };
   return std::string("isa=") + isa_name(active_isa()) + " gemm=" + gemm_backend() + " pool=" +
-         isa_name(capped(blend_isa())) + "/" + isa_name(capped(compare_isa()));
+         isa_name(capped_isa(blend_isa())) + "/" + isa_name(capped_isa(compare_isa()));
 }
 
 TORCH_LIBRARY(cnnbp, m) {

@@ -114,11 +114,16 @@ inline Isa compare_isa() { return blend_isa() == Isa::avx512 ? Isa::avx2 : blend
 // compiled inside each target-specific wrapper.
 #define CNNBP_LAMBDA_INLINE __attribute__((always_inline))
 
+// The ISA a loop capped at `best` runs: the narrower of best and the CPU's (active_isa()).
+inline Isa capped_isa(Isa best) {
+  return static_cast<int>(active_isa()) < static_cast<int>(best) ? active_isa() : best;
+}
+
 // `best` caps the choice for a loop that measures faster at a narrower width.
 template <typename F>
 void run_with_isa(const F& f, Isa best = Isa::avx512) {
 #ifdef CNNBP_X86
-  const Isa isa = static_cast<int>(active_isa()) < static_cast<int>(best) ? active_isa() : best;
+  const Isa isa = capped_isa(best);
   switch (isa) {
     case Isa::avx512: return run_avx512(f);
     case Isa::avx2: return run_avx2(f);
