@@ -566,16 +566,11 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        import torch_cnnbp  # noqa: F401 (loads the ops)
+        import torch_cnnbp  # loads the ops
         info["paths"] = torch.ops.cnnbp._paths()
-    except (ImportError, AttributeError, RuntimeError):
-        pass
-    try:
-        import torch_cnnbp
-        ext = torch_cnnbp._C.__file__
-        with open(ext, "rb") as f:
+        with open(torch_cnnbp._C.__file__, "rb") as f:
             info["extension_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError, RuntimeError):
         pass
     return info
 
