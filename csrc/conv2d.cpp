@@ -1061,7 +1061,7 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
   const bool has_bias = bias_.has_value() && bias_->defined();
   const at::Tensor bias = has_bias ? prepared(*bias_) : at::Tensor();
 
-  at::Tensor output = at::empty({s.N, s.K, s.OH, s.OW}, input.options());
+  at::Tensor output = empty_result({s.N, s.K, s.OH, s.OW}, input.options());
   if (output.numel() == 0) return output.to(input_.scalar_type());
   if (s.col_rows() == 0) {  // no input channels: x = b
     if (has_bias)
@@ -1180,8 +1180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const bool runs = (want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0;
   // The depthwise loops write every element of δ_in; the products add into it.
   at::Tensor grad_input = !want_in                   ? at::Tensor()
-                          : runs && s.Cg() == 1 ? at::empty({s.N, s.C, s.H, s.W}, input.options())
-                                                : at::zeros({s.N, s.C, s.H, s.W}, input.options());
+                          : runs && s.Cg() == 1 ? empty_result({s.N, s.C, s.H, s.W}, input.options())
+                                                : empty_result({s.N, s.C, s.H, s.W}, input.options()).zero_();
   const Plan plan = plan_batches(s, true);
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
   at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();

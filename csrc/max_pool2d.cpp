@@ -888,8 +888,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input_,
   const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor input = input_.contiguous(format);
   const int64_t N = input.size(0), C = input.size(1);
-  at::Tensor output = at::empty({N, C, s.OH, s.OW}, input.options().memory_format(format));
-  at::Tensor indices = at::empty({N, C, s.OH, s.OW}, input.options().dtype(at::kLong).memory_format(format));
+  at::Tensor output = empty_result({N, C, s.OH, s.OW}, input.options().memory_format(format));
+  at::Tensor indices = empty_result({N, C, s.OH, s.OW}, input.options().dtype(at::kLong).memory_format(format));
   if (output.numel() == 0) return {output, indices};
   // Integer inputs pool too (as in PyTorch); only floating types have a gradient.
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnbp::max_pool2d", [&] {
@@ -1009,7 +1009,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
   const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor grad_output = grad_output_.contiguous(format), indices = indices_.contiguous(format);
   // Zeroed below, by the thread that owns each part, just before it adds into it (one pass over memory).
-  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(format));
+  at::Tensor grad_input = empty_result(input_size, grad_output.options().memory_format(format));
   const int64_t N = input_size[0], C = input_size[1];
   const int64_t in_plane = input_size[2] * input_size[3];
   const int64_t out_plane = grad_output.size(2) * grad_output.size(3);

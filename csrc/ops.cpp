@@ -7,6 +7,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cnnbp.h"
 #include "gemm.h"
@@ -20,6 +26,26 @@ void check_floating_cpu(const at::Tensor& t, const char* op, const char* name) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
               op, ": ", name, " must be float32, float64, float16 or bfloat16, but got ", type);
+}
+
+at::Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // CNNBP_HUGEPAGES=0 turns the hint off (read once).
+  static const bool advise = [] {
+    const char* v = std::getenv("CNNBP_HUGEPAGES");
+    return !(v && std::string(v) == "0");
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (advise && bytes >= 4 * kHuge) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
+    // A hint: where the kernel has no huge pages to give (THP "never"), nothing changes.
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
 }
 
 // Diagnostic: how many distinct intra-op threads ran the body of an at::parallel_for over `items`

@@ -3,6 +3,9 @@
 * test_no_growth_over_many_steps: thousands of small forward+backward steps of both ops (and of
   calls that are rejected, whose error paths are where buffers leak) leave the resident set where
   warm-up left it, within a small fixed slack.
+* test_large_results_are_advised_as_huge_pages: results of 8 MiB and more (conv2d's output and
+  input gradient, max_pool2d's output, indices and input gradient) lie in memory marked for
+  transparent huge pages (VmFlags "hg" in /proc/self/smaps), and not with CNNBP_HUGEPAGES=0.
 * slow (run with `pytest -m slow tests/test_memory.py`; deselected otherwise): max_pool2d over tensors
   of more than 2^31 elements (one plane that large, and many planes adding up past it, in both
   layouts), and a conv2d whose unrolled-input (im2col) matrix has more than 2^31 elements, each
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +39,62 @@ def mem_available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# ---- huge pages for large results ----------------------------------------------------------------
+
+HUGE = 2 << 20
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def large_results():
+    """(name, tensor) for each result kind that should be advised, all of 8 MiB or more."""
+    x = torch.randn(4, 16, 128, 128, dtype=torch.float64)  # 8 MiB
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64)
+    y = torch.ops.cnnbp.conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    grad_input = torch.ops.cnnbp.conv2d_backward(torch.ones_like(y), x, w, [1, 1], [1, 1, 1, 1], [1, 1], 1,
+                                                 [True, False, False])[0]
+    big = torch.randn(4, 16, 256, 256)  # 16 MiB; 2x2 results of 4 MiB (values) and 8 MiB (indices)
+    out, idx = torch.ops.cnnbp.max_pool2d(big, [1, 1], [1, 1], [0, 0], [1, 1], False)
+    pool_grad = torch.ops.cnnbp.max_pool2d_backward(torch.ones_like(out), idx, list(big.shape))
+    return [("conv2d output", y), ("conv2d grad_input", grad_input), ("max_pool2d output", out),
+            ("max_pool2d indices", idx), ("max_pool2d grad_input", pool_grad)]
+
+
+def first_whole_huge_page(t: torch.Tensor) -> int:
+    address = (t.data_ptr() + HUGE - 1) // HUGE * HUGE
+    assert address + HUGE <= t.data_ptr() + t.numel() * t.element_size()
+    return address
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_large_results_are_advised_as_huge_pages():
+    for name, t in large_results():
+        assert "hg" in vm_flags(first_whole_huge_page(t)), name
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_huge_page_advice_turns_off():
+    code = ("import torch_cnnbp, test_memory as m\n"
+            "print(sorted(n for n, t in m.large_results() if 'hg' in m.vm_flags(m.first_whole_huge_page(t))))")
+    env = dict(os.environ, CNNBP_HUGEPAGES="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 # ---- no growth ----------------------------------------------------------------------------------
