@@ -145,8 +145,11 @@ def conv_plan(x_shape, w_shape, threads, stride=1, padding=0, dilation=1, groups
                 cols = _split(P, tile)
             products |= {("forward", Kg, c, r) for c in cols for r in col_rows}
         for nb in set(b_blocks):
-            col_rows = [r * KHW for r in _split(Cg, b_cblock)]
-            cols = [nb * P] if nb > 1 else _split(P, b_tile)
+            if nb == 1 and pointwise:  # the input itself: both products whole
+                col_rows, cols = [rows], [P]
+            else:
+                col_rows = [r * KHW for r in _split(Cg, b_cblock)]
+                cols = [nb * P] if nb > 1 else _split(P, b_tile)
             products |= {("grad_input", r, c, Kg) for c in cols for r in col_rows}
             products |= {("grad_weight", Kg, r, c) for c in cols for r in col_rows}
     return SimpleNamespace(P=P, rows=rows, Kg=Kg, chunks=chunks, block=block, blocks=blocks, tile=tile,
