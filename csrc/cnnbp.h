@@ -73,8 +73,8 @@ void check_floating_cpu(const at::Tensor& t, const char* op, const char* name);
 
 // at::empty(sizes, options), with results over 32 MiB asked for as transparent huge pages (Linux,
 // madvise): a fresh result that large is mostly page faults on first touch, 4 KiB at a time,
-// unless the kernel backs it with 2 MiB pages. Only the whole 2 MiB pages inside the tensor's own memory
-// are advised; nothing else changes (sizes, strides, allocator, freeing).
+// unless the kernel backs it with 2 MiB pages. Only the whole 2 MiB pages inside the tensor's own
+// memory are advised; nothing else changes (sizes, strides, allocator, freeing).
 at::Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace cnnbp

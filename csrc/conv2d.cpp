@@ -1180,11 +1180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const auto type = input_.scalar_type();
   const bool want_in = output_mask[0], want_w = output_mask[1];
   const bool runs = (want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0;
-  // The depthwise loops write every element of δ_in; the products add into it.
-  at::Tensor grad_input = !want_in                   ? at::Tensor()
-                          : runs && s.Cg() == 1 ? empty_result({s.N, s.C, s.H, s.W}, input.options())
-                                                : empty_result({s.N, s.C, s.H, s.W}, input.options()).zero_();
   const Plan plan = plan_batches(s, true);
+  // The depthwise loops, and the 1×1 layers' whole products one sample at a time, write every
+  // element of δ_in; the other products add into it.
+  const bool written = runs && (s.Cg() == 1 || (s.col_is_input() && plan.block == 1));
+  at::Tensor grad_input = !want_in ? at::Tensor() : empty_result({s.N, s.C, s.H, s.W}, input.options());
+  if (want_in && !written) grad_input.zero_();
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
   at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
 
