@@ -364,6 +364,26 @@ def test_plan_matrix_covers_every_path():
     assert len(two) >= 8 and "out7x7_N13" in two and "pointwise_16x16_N2" in two and "out7x7_N9" not in two
 
 
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_pointwise_direct_grad_input_over_reused_memory(threads, dtype):
+    """The direct pointwise backward writes δ_in whole (no zeroing first): over memory the allocator
+    hands back holding NaN, every element of it is still native's, groups and batch chunks included."""
+    set_threads(threads)
+    for N, groups in ((1, 2), (3, 1), (2, 4)):
+        x = randn(N, 32, 24, 24, dtype=dtype)
+        w = randn(48, 32 // groups, 1, 1, dtype=dtype)
+        g = randn(N, 48, 24, 24, dtype=dtype)
+        assert conv_plan(tuple(x.shape), tuple(w.shape), threads, groups=groups).direct
+        expected = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups,
+                                                       [True, False, False])[0]
+        for _ in range(3):
+            junk = torch.full_like(x, float("nan"))
+            del junk
+            got = torch.ops.cnnbp.conv2d_backward(g, x, w, [1, 1], [0] * 4, [1, 1], groups, [True, False, False])[0]
+            assert_close(got, expected, msg=f"N={N} groups={groups}")
+
+
 # One sample on several threads: each thread a share of the output positions (forward) or of the
 # input channels (backward), with its own unrolling and products. (id, input, weight, bias, kwargs)
 SPLIT_CASES = [
