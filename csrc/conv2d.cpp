@@ -1187,7 +1187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   at::Tensor grad_input = !want_in ? at::Tensor() : empty_result({s.N, s.C, s.H, s.W}, input.options());
   if (want_in && !written) grad_input.zero_();
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
-  at::Tensor partial = want_w ? at::zeros({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
+  // The products write each chunk's partial with their first sample (block), then add into it.
+  at::Tensor partial = want_w ? at::empty({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
+  if (want_w && !(runs && s.Cg() > 1)) partial.zero_();
 
   if (runs) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnbp::conv2d_backward", [&] {
@@ -1240,7 +1242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                     const int64_t p1 = std::min(P, p0 + plan.tile), len = p1 - p0;
                     if (want_w) {  // ∂E/∂W[:, rows] += δ · col[rows, :]ᵀ
                       im2col(in_ng, buf, len, s, p0, p1, r0, r0 + nr);
-                      gemm<T>(false, true, Kg, nr, len, dg + p0, ldd, buf, len, true, gw_g + r0, rows);
+                      gemm<T>(false, true, Kg, nr, len, dg + p0, ldd, buf, len, n > first || p0 > 0, gw_g + r0, rows);
                     }
                     if (want_in) {  // ∂col[rows, :] = W[:, rows]ᵀ · δ, then col2im into channels c0 … c1 − 1
                       gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, ldd, false, buf, len);
@@ -1257,7 +1259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                       else
                         im2col(in_j, buf + j * step, ld, s, int64_t(0), P, r0, r0 + nr);
                     }
-                    gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, true, gw_g + r0, rows);
+                    gemm<T>(false, true, Kg, nr, ld, dg, ldd, buf, ld, n > first, gw_g + r0, rows);
                   }
                   if (want_in) {
                     gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
@@ -1276,7 +1278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
               // No buffer to bound: each product whole, as one call (threaded by the GEMM itself
               // when not in a chunk). Cut into channel blocks and tiles, the thin products of
               // 1×1 layers ran 5-40% slower (float64, 2 threads, at one sample).
-              if (want_w) gemm<T>(false, true, Kg, rows, P, dg, ldd, in_ng, s.in_plane(), true, gw_g, rows);
+              if (want_w) gemm<T>(false, true, Kg, rows, P, dg, ldd, in_ng, s.in_plane(), n > first, gw_g, rows);
               if (want_in) gemm<T>(true, false, rows, P, Kg, wg, rows, dg, ldd, false, gin_ng, s.in_plane());
             } else if (share) {
               at::parallel_for(0, nblk, 1, [&](int64_t k0, int64_t k1) {
