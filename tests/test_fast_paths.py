@@ -544,6 +544,29 @@ def test_batch_plan_matches_native(case, threads, dtype):
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
 
 
+@pytest.mark.parametrize("case,threads", [r for r in PLAN_RUNS if r[0][1][0] > 0],
+                         ids=lambda v: case_id(v) if isinstance(v, tuple) else f"{v}thr")
+def test_batch_plan_grad_weight_over_reused_memory(case, threads):
+    """∂E/∂W's partial sums are not zeroed: the first products of each chunk write them. Over memory
+    the allocator hands back holding NaN, ∂E/∂W (and δ_in) are still native's on every plan."""
+    name, xs, ws, _, kw = case
+    set_threads(threads)
+    x, w = randn(*xs, dtype=torch.float64), randn(*ws, dtype=torch.float64)
+    native = F.conv2d(x, w, **kw)
+    g = randn(*native.shape, dtype=torch.float64)
+    plan = conv_plan(xs, ws, threads, **kw)
+    (sh, sw), padding, dilation = _args.conv2d_args(w, kw.get("stride", 1), kw.get("padding", 0), 1)
+    expected = torch.ops.aten.convolution_backward(g, x, w, None, [sh, sw], [padding[0], padding[2]], list(dilation),
+                                                   False, [0, 0], kw.get("groups", 1), [True, True, False])[:2]
+    for _ in range(3):
+        junk = torch.full((plan.backward.chunks * w.numel(),), float("nan"), dtype=torch.float64)
+        del junk
+        got = torch.ops.cnnbp.conv2d_backward(g, x, w, [sh, sw], list(padding), list(dilation), kw.get("groups", 1),
+                                              [True, True, False])[:2]
+        assert_close(got[1], expected[1], msg=f"{name}: grad_weight")
+        assert_close(got[0], expected[0], msg=f"{name}: grad_input")
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name", ("out7x7_N13", "pointwise_16x16_N2", "out10x10_N13_blocks_6_6_1"))
 def test_batch_plan_half_types(name, dtype):
