@@ -1181,9 +1181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   const bool want_in = output_mask[0], want_w = output_mask[1];
   const bool runs = (want_in || want_w) && s.N > 0 && s.out_plane() > 0 && s.K > 0 && s.C > 0;
   const Plan plan = plan_batches(s, true);
-  // The depthwise loops, and the 1×1 layers' whole products one sample at a time, write every
-  // element of δ_in; the other products add into it.
-  const bool written = runs && (s.Cg() == 1 || (s.col_is_input() && plan.block == 1));
+  // One sample at a time of a 1×1 layer (stride 1, no padding): every sample's col is its input,
+  // and its two products are made whole (no column buffer).
+  const bool whole_products = s.col_is_input() && plan.block == 1;
+  // The depthwise loops, and the whole products, write every element of δ_in; the other products
+  // add into it.
+  const bool written = runs && (s.Cg() == 1 || whole_products);
   at::Tensor grad_input = !want_in ? at::Tensor() : empty_result({s.N, s.C, s.H, s.W}, input.options());
   if (want_in && !written) grad_input.zero_();
   // grad_weight: one partial sum per chunk of the batch, added in chunk order.
@@ -1215,7 +1218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         // One column buffer serves both products of a channel block in turn: its unrolled input
         // rows for ∂E/∂W, then Wᵀ · δ for δ_in.
         const int64_t span = plan.block > 1 ? plan.block * width : plan.tile;  // columns per product
-        std::vector<T> col(share || (s.col_is_input() && plan.block == 1) ? 0 : block_rows * span);
+        std::vector<T> col(share || whole_products ? 0 : block_rows * span);
         std::vector<T> pack(plan.block > 1 ? Kg * plan.block * width : 0);
         std::vector<T> padded(frames && !share ? pad_size : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
