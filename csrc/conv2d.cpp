@@ -405,6 +405,9 @@ Plan plan_batches(const ConvShape& s, bool backward) {
   const int64_t slab = block1 > 1 ? block1 * width : p.tile;
   const int64_t fit = std::clamp<int64_t>(budget / (KHW * slab), 1, Cg);
   p.cblock = (Cg + blocks_of(Cg, fit) - 1) / blocks_of(Cg, fit);  // blocks of even size
+  // A 1×1 layer (stride 1, no padding) reads its input in place, no buffer to bound: each forward
+  // product takes all of a sample's positions, or one thread's share of them.
+  if (s.col_is_input()) p.tile = P;
   // Shared slabs, where there are threads to share them and enough work for each: the forward
   // shares the positions of one sample (at least 256 per thread), the backward the channel blocks
   // (at least one channel per thread). The backward's results do not depend on its channel block,

@@ -364,6 +364,24 @@ def test_plan_matrix_covers_every_path():
     assert len(two) >= 8 and "out7x7_N13" in two and "pointwise_16x16_N2" in two and "out7x7_N9" not in two
 
 
+def test_pointwise_forward_products_are_not_tiled():
+    """A direct 1×1 layer reads its input in place, so there is no column buffer to bound and its
+    forward products are not cut into tiles: all of a sample's positions in one product, or, where
+    one sample's positions are shared among the threads, one product per thread."""
+    for xs, ws in (((1, 256, 56, 56), (64, 256, 1, 1)), ((8, 64, 56, 56), (256, 64, 1, 1)),
+                   ((1, 32, 112, 112), (64, 32, 1, 1)), ((1, 24, 5, 7), (13, 24, 1, 1))):
+        for threads in (1, 2, 3):
+            plan = conv_plan(xs, ws, threads)
+            assert plan.direct, (xs, threads)
+            cols = sorted({c for what, _, c, _ in plan.products if what == "forward"})
+            if plan.split_positions:
+                share = (-(-plan.P // threads) + 31) // 32 * 32
+                assert cols[-1] == share and -(-plan.P // share) == threads, (xs, threads, cols)
+            else:
+                assert cols == [plan.P], (xs, threads, cols)
+    assert conv_plan((1, 256, 56, 56), (64, 256, 1, 1), 2).split_positions
+
+
 @pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 def test_pointwise_direct_grad_input_over_reused_memory(threads, dtype):
