@@ -130,6 +130,13 @@ ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 
 // ---- im2col / col2im: the unrolling and its adjoint ----------------------------------------------
 
+// Stride 1 with output rows as wide as the input's ("same" width): then position p = i·OW + j of a
+// row (c, m, q) reads the plane at p + (m·dh − pt)·W + q·dw − pl, so the rows' runs join into one
+// contiguous run, apart from the columns that fall in the padding.
+inline bool rows_are_contiguous(const ConvShape& s) {
+  return s.sh == 1 && s.sw == 1 && s.OW == s.W;
+}
+
 // col[(c,m,q), p] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl] for output positions p = i·OW + j in
 // [p0, p1), zero where that falls in padding, for the rows r = (c,m,q) in [r0, r1). `in` holds Cg
 // planes of H×W; row r of `col` starts at col + (r − r0)·ld and holds positions p0 … p1 − 1.
@@ -143,6 +150,7 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
   for (int64_t m = 0; m < s.KH; ++m) ranges_i[m] = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
   for (int64_t q = 0; q < s.KW; ++q) ranges_j[q] = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
   int64_t c = r0 / KHW, m = (r0 / s.KW) % s.KH, q = r0 % s.KW;  // (c, m, q) of row r, stepped below
+  const bool contiguous = rows_are_contiguous(s);
   run_with_isa([&]() CNNBP_LAMBDA_INLINE {
   for (int64_t r = r0; r < r1; ++r, ++q) {
     if (q == s.KW) {
@@ -153,6 +161,27 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
     T* row = col + (r - r0) * ld - p0;  // row[p] for p in [p0, p1)
     const Range ri = ranges_i[m];
     const Range rj = ranges_j[q];
+    if (contiguous) {
+      // row[p] = src[p] for every valid (i, j), src the plane shifted by (m·dh − pt, q·dw − pl):
+      // one copy from the first valid column of the first valid row to the last valid column of
+      // the last (all of it inside the plane), then zeros over the columns and rows not valid
+      // (the copy read the neighbouring row's values there).
+      const T* src = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+      const int64_t v0 = std::min(p1, std::max(p0, ri.lo * OW)), v1 = std::max(v0, std::min(p1, ri.hi * OW));
+      for (int64_t p = p0; p < v0; ++p) row[p] = T(0);
+      for (int64_t p = v1; p < p1; ++p) row[p] = T(0);
+      if (v0 == v1) continue;
+      const int64_t first = v0 / OW, last = (v1 - 1) / OW;  // the valid rows in the tile
+      if (rj.lo < rj.hi) {
+        const int64_t b0 = std::max(v0, first * OW + rj.lo), b1 = std::min(v1, last * OW + rj.hi);
+        for (int64_t p = b0; p < b1; ++p) row[p] = src[p];
+      }
+      for (int64_t i = first; i <= last; ++i) {
+        for (int64_t p = std::max(v0, i * OW), e = std::min(v1, i * OW + rj.lo); p < e; ++p) row[p] = T(0);
+        for (int64_t p = std::max(v0, i * OW + rj.hi), e = std::min(v1, (i + 1) * OW); p < e; ++p) row[p] = T(0);
+      }
+      continue;
+    }
     for (int64_t i = p0 / OW; i * OW < p1; ++i) {
       const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
       T* dst = row + i * OW;
@@ -282,14 +311,18 @@ bool all_finite(const T* in_ng, int64_t b, const ConvShape& s) {
 
 // The adjoint of im2col: ∂o[c, h, v] += ∂col[(c,m,q), p] for every (m,q) and position p in [p0, p1)
 // that read o[c,h,v], for the input channels c in [c0, c1) (whose rows start at `col`). A channel's
-// rows write only into that channel's plane. `grad_in` must be zeroed by the caller.
+// rows write only into that channel's plane. `grad_in` must be zeroed by the caller. Where the
+// rows are contiguous (rows_are_contiguous), ∂col's values at the columns that fall in the padding
+// are set to zero (col is scratch), so that each row is one run of adds: those columns then add
+// +0 to a neighbouring row's pixel, which changes no value (a sum that starts at +0 is never −0).
 template <typename T>
-void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0,
+void col2im_channels(T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0,
                      int64_t c1) {
   const int64_t OW = s.OW;
   c10::SmallVector<Range, 16> ranges_i(s.KH), ranges_j(s.KW);  // computed once, as in im2col_rows
   for (int64_t m = 0; m < s.KH; ++m) ranges_i[m] = valid_range(s.OH, s.H, s.sh, m * s.dh - s.pt);
   for (int64_t q = 0; q < s.KW; ++q) ranges_j[q] = valid_range(s.OW, s.W, s.sw, q * s.dw - s.pl);
+  const bool contiguous = rows_are_contiguous(s);
   run_with_isa([&]() CNNBP_LAMBDA_INLINE {
   for (int64_t c = c0; c < c1; ++c) {
     T* plane = grad_in + c * s.in_plane();
@@ -297,7 +330,19 @@ void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, i
       const Range ri = ranges_i[m];
       for (int64_t q = 0; q < s.KW; ++q) {
         const Range rj = ranges_j[q];
-        const T* row = col + (((c - c0) * s.KH + m) * s.KW + q) * ld - p0;
+        T* row = col + (((c - c0) * s.KH + m) * s.KW + q) * ld - p0;
+        if (contiguous) {  // as in im2col_rows: from the first valid (i, j) to the last
+          const int64_t v0 = std::min(p1, std::max(p0, ri.lo * OW)), v1 = std::max(v0, std::min(p1, ri.hi * OW));
+          if (v0 == v1 || rj.lo == rj.hi) continue;
+          const int64_t first = v0 / OW, last = (v1 - 1) / OW;
+          const int64_t b0 = std::max(v0, first * OW + rj.lo), b1 = std::min(v1, last * OW + rj.hi);
+          for (int64_t i = first; i < last; ++i)  // the padding's columns between row i and row i + 1
+            for (int64_t p = std::max(b0, i * OW + rj.hi), e = std::min(b1, (i + 1) * OW + rj.lo); p < e; ++p)
+              row[p] = T(0);
+          T* dst = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
+          for (int64_t p = b0; p < b1; ++p) dst[p] += row[p];
+          continue;
+        }
         for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
           const int64_t lo = std::max({p0 - i * OW, int64_t(0), rj.lo}), hi = std::min({p1 - i * OW, OW, rj.hi});
           T* dst = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
@@ -317,7 +362,7 @@ void col2im_channels(const T* col, int64_t ld, T* grad_in, const ConvShape& s, i
 // Channels [c0, c1) (whose rows start at `col`), split over threads when called outside a
 // parallel region: no two threads touch the same element.
 template <typename T>
-void col2im(const T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0, int64_t c1) {
+void col2im(T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t p0, int64_t p1, int64_t c0, int64_t c1) {
   const int64_t KHW = s.KH * s.KW;
   at::parallel_for(c0, c1, grain_for(KHW * (p1 - p0)), [&](int64_t a, int64_t b) {
     col2im_channels(col + (a - c0) * KHW * ld, ld, grad_in, s, p0, p1, a, b);

@@ -402,6 +402,63 @@ def test_pointwise_direct_grad_input_over_reused_memory(threads, dtype):
             assert_close(got, expected, msg=f"N={N} groups={groups}")
 
 
+# Stride 1 with output rows as wide as the input's (csrc/conv2d.cpp, rows_are_contiguous): each row
+# (c, m, q) of the unrolling is one contiguous copy from the plane, its padding columns zeroed after,
+# and col2im one run of adds with ∂col's padding columns zeroed first. (id, input, weight, kwargs)
+CONTIGUOUS_CASES = [
+    ("3x3_tiles_cut_rows", (1, 16, 40, 37), (24, 16, 3, 3), dict(padding=1)),
+    ("5x5_channel_blocks_N3", (3, 40, 27, 27), (16, 40, 5, 5), dict(padding=2)),
+    ("dilation_columns_all_padding", (1, 8, 9, 3), (8, 8, 3, 3), dict(padding=4, dilation=4)),
+    ("even_kernel_same", (1, 12, 20, 23), (10, 12, 4, 4), dict(padding="same")),
+    ("rows_all_padding", (1, 6, 5, 30), (6, 6, 5, 3), dict(padding=(4, 1))),
+]
+
+
+def test_contiguous_cases_reach_their_paths():
+    """The cases are stride-1 convs with OW == W that take the unrolling (not frames, not 1×1), one
+    of them with tiles that start inside an output row."""
+    cut = False
+    for name, xs, ws, kw in CONTIGUOUS_CASES:
+        plan = conv_plan(xs, ws, 1, **kw)
+        out = F.conv2d(torch.empty(xs, device="meta"), torch.empty(ws, device="meta"), **kw)
+        assert out.shape[3] == xs[3] and not plan.direct and not plan.depthwise and plan.block == 1, name
+        cut |= plan.tile < plan.P and plan.tile % out.shape[3] != 0
+    assert cut
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", CONTIGUOUS_CASES, ids=lambda c: c[0])
+def test_contiguous_rows(case, dtype, threads):
+    name, xs, ws, kw = case
+    run_conv_case(xs, ws, True, kw, dtype, threads, msg=name)
+
+
+@pytest.mark.parametrize("case", CONTIGUOUS_CASES, ids=lambda c: c[0])
+def test_contiguous_rows_padding_columns_add_nothing(case):
+    """An infinite weight in the first kernel column makes ∂col infinite in its rows, at the columns
+    that fall in the padding too; those must not reach the pixel their run would wrap onto (the
+    last column of the row above), and a NaN in the input must not leak into a padding column."""
+    name, xs, ws, kw = case
+    x, w = randn(*xs, dtype=torch.float64), randn(*ws, dtype=torch.float64)
+    w[0, 0, 0, 0] = math.inf
+    x[0, 0, 1, -1] = math.nan
+    stride, padding, dilation = _args.conv2d_args(w, 1, kw.get("padding", 0), kw.get("dilation", 1))
+    g = randn(*F.conv2d(x, w, **kw).shape, dtype=torch.float64)
+    native_pad = [padding[0], padding[2]] if padding[0] == padding[1] and padding[2] == padding[3] else None
+    xp = x if native_pad else F.pad(x, (padding[2], padding[3], padding[0], padding[1]))
+    expected = torch.ops.aten.convolution_backward(g, xp, w, None, [1, 1], native_pad or [0, 0], list(dilation),
+                                                   False, [0, 0], 1, [True, True, False])
+    got = torch.ops.cnnbp.conv2d_backward(g, x, w, [1, 1], list(padding), list(dilation), 1, [True, True, False])
+    grad_input = expected[0]
+    if not native_pad:
+        grad_input = grad_input[:, :, padding[0]:padding[0] + xs[2], padding[2]:padding[2] + xs[3]]
+    torch.testing.assert_close(got[0], grad_input, equal_nan=True, msg=f"{name}: grad_input")
+    torch.testing.assert_close(got[1], expected[1], equal_nan=True, msg=f"{name}: grad_weight")
+    out = torch.ops.cnnbp.conv2d(x, w, None, [1, 1], list(padding), list(dilation), 1)
+    torch.testing.assert_close(out, F.conv2d(x, w, **kw), equal_nan=True, msg=f"{name}: output")
+
+
 # One sample on several threads: each thread a share of the output positions (forward) or of the
 # input channels (backward), with its own unrolling and products. (id, input, weight, bias, kwargs)
 SPLIT_CASES = [
