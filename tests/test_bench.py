@@ -83,6 +83,19 @@ def test_suite_covers_the_issue(capsys):
     assert "resnet.stem" in capsys.readouterr().out
 
 
+def test_extra_suite_is_other_shapes_of_every_family(capsys):
+    main = {c.name for c in bench.select_cases(quick=False, filters=[])}
+    extra = bench.select_cases(quick=False, filters=[], suite_name="extra")
+    names = [c.name for c in extra]
+    assert len(names) == len(set(names)) and not main & set(names)
+    assert {c.family for c in extra} == set(bench.FAMILIES)
+    for needle in ("5x5", "g4", "d3", "s2", "1x1", "g96", "channels_last", "NCHW"):
+        assert any(needle in n for n in names), needle
+    assert bench.main(["--list", "--suite", "extra", "--filter", "other.grouped"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"{'conv2d':<26} other.grouped 128->128 3x3 p1 g4 @28x28 n4"]
+
+
 @pytest.mark.parametrize("bad", ["0", "a", "1,,x"])
 def test_threads_option_rejects_bad_counts(bad):
     with pytest.raises(SystemExit):

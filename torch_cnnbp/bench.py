@@ -5,6 +5,7 @@
     python -m torch_cnnbp bench --threads 1,2 --dtype float64 --memory --json results.json
     python -m torch_cnnbp bench --filter resnet.3x3 --mode fwd
     python -m torch_cnnbp bench --list                 # the case names, for --filter
+    python -m torch_cnnbp bench --suite extra          # other shapes of the same families
 
 What is timed. Each case (a layer of a real network) runs ours and native in the same process on the
 same input tensors, interleaved A B A B ...: warm-up rounds first, then as many rounds as fit a time
@@ -208,11 +209,48 @@ def suite() -> List[Case]:
     return cases
 
 
-def select_cases(quick: bool, filters: Sequence[str]) -> List[Case]:
-    """The suite, batch divided by 8 in quick mode (cases that then coincide run once), filtered by
-    case-insensitive substrings of the name (any of them)."""
+def extra_suite() -> List[Case]:
+    """Other layers of the same families, at sizes the main suite does not have (odd channel counts
+    and image sizes, 5x5 and grouped convs, a larger dilation, pools over odd planes): a check that
+    the ratios do not hold only for the main suite's shapes."""
+    cases = [
+        _conv("other.5x5", 32, 1, 6, 28, 5, padding=2, bias=True),
+        _conv("other.5x5", 16, 6, 16, 14, 5, bias=True),
+        _conv("other.5x5", 4, 64, 64, 27, 5, padding=2),
+        _conv("other.stem", 4, 3, 32, 160, 7, stride=2, padding=3),
+        _conv("other.stem", 2, 3, 32, 224, 3, stride=2, padding=1),
+        _conv("other.3x3", 4, 96, 96, 35, 3, padding=1),
+        _conv("other.3x3", 2, 192, 192, 17, 3, padding=1),
+        _conv("other.3x3", 1, 48, 64, 71, 3, padding=1),
+        _conv("other.3x3", 8, 128, 256, 28, 3, stride=2, padding=1),
+        _conv("other.3x3", 16, 320, 320, 9, 3, padding=1),
+        _conv("other.1x1", 4, 512, 128, 28, 1),
+        _conv("other.1x1", 2, 96, 24, 57, 1, bias=True),
+        _conv("other.1x1", 8, 256, 512, 28, 1, stride=2),
+        _conv("other.dw", 4, 96, 96, 75, 3, padding=1, groups=96),
+        _conv("other.dw", 2, 144, 144, 56, 3, stride=2, padding=1, groups=144),
+        _conv("other.dw", 8, 240, 240, 14, 5, padding=2, groups=240),
+        _conv("other.grouped", 4, 128, 128, 28, 3, padding=1, groups=4),
+        _conv("other.dilated", 2, 64, 64, 45, 3, padding=3, dilation=3),
+        _conv("other.dilated", 16, 256, 256, 14, 3, padding=2, dilation=2),
+    ]
+    cases += _pools("other.maxpool", 2, 96, 147, 3, 2)
+    cases += _pools("other.maxpool", 4, 32, 150, 3, 2, 1)
+    cases += _pools("other.maxpool", 8, 128, 56, 2, 2)
+    cases += _pools("other.maxpool", 32, 20, 24, 2, 2)
+    cases += _pools("other.maxpool", 4, 64, 28, 3, 1, 1)
+    cases += _pools("other.maxpool", 4, 3, 255, 2, 2)
+    return cases
+
+
+SUITES = {"main": suite, "extra": extra_suite}
+
+
+def select_cases(quick: bool, filters: Sequence[str], suite_name: str = "main") -> List[Case]:
+    """The suite (`SUITES`), batch divided by 8 in quick mode (cases that then coincide run once),
+    filtered by case-insensitive substrings of the name (any of them)."""
     cases, seen = [], set()
-    for case in suite():
+    for case in SUITES[suite_name]():
         if quick:
             case = case.with_batch(max(1, case.batch // 8))
         if case.name in seen:
@@ -735,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd",
                    help="forward only (inference) or forward+backward (default)")
     p.add_argument("--quick", action="store_true", help="batch / 8 and few repetitions: a smoke run")
+    p.add_argument("--suite", choices=list(SUITES), default="main",
+                   help="main: the layers of LeNet-5, ResNet and MobileNet; extra: other shapes of the "
+                        "same families (default: main)")
     p.add_argument("--filter", action="append", default=[], metavar="SUBSTRING",
                    help="only cases whose name contains SUBSTRING (case-insensitive; repeatable)")
     p.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
@@ -746,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cases = select_cases(args.quick, args.filter)
+    cases = select_cases(args.quick, args.filter, args.suite)
     if args.list:
         for case in cases:
             print(f"{case.family:<26} {case.name}")
@@ -763,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"usable CPUs, torch {machine['torch']}, {machine['date']}, load average {load_average()}"
           + (f", commit {machine['git_commit']}" if "git_commit" in machine else "")
           + (f", paths {machine['paths']}" if "paths" in machine else ""))
-    print(f"dtype {args.dtype}, mode {args.mode}, {'quick' if args.quick else 'full'} "
+    print(f"dtype {args.dtype}, mode {args.mode}, suite {args.suite}, {'quick' if args.quick else 'full'} "
           f"({budget.warmup_rounds} warm-up rounds, ~{budget.seconds:g} s per case, "
           f"{budget.min_rounds}-{budget.max_rounds} interleaved rounds), {len(cases)} cases, "
           f"threads {','.join(map(str, thread_counts))}")
@@ -798,7 +839,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scaling = print_scaling(runs) if len(runs) > 1 else None
     if args.json:
         doc = {"tool": "torch_cnnbp.bench", "format": 1, "machine": machine,
-               "settings": {"dtype": args.dtype, "mode": args.mode, "quick": args.quick, "filter": args.filter,
+               "settings": {"dtype": args.dtype, "mode": args.mode, "quick": args.quick, "suite": args.suite,
+                            "filter": args.filter,
                             "threads": thread_counts, "memory": args.memory,
                             "budget": dataclasses.asdict(budget)},
                "method": __doc__, "runs": runs}
