@@ -137,6 +137,27 @@ inline bool rows_are_contiguous(const ConvShape& s) {
   return s.sh == 1 && s.sw == 1 && s.OW == s.W;
 }
 
+// For such a row whose valid output rows are ri and valid columns rj, over positions [p0, p1):
+// [v0, v1) the positions in valid rows (rows first … last), and [b0, b1) the run from the first
+// valid column of the first of them to the last valid column of the last (empty when rj is).
+// Every position of the run reads (or, in col2im, writes) inside the plane.
+struct ContiguousRun {
+  int64_t v0, v1, first, last, b0, b1;
+};
+inline ContiguousRun contiguous_run(Range ri, Range rj, int64_t OW, int64_t p0, int64_t p1) {
+  ContiguousRun r;
+  r.v0 = std::min(p1, std::max(p0, ri.lo * OW));
+  r.v1 = std::max(r.v0, std::min(p1, ri.hi * OW));
+  r.first = r.v0 / OW;
+  r.last = r.v1 > r.v0 ? (r.v1 - 1) / OW : r.first;
+  r.b0 = r.b1 = r.v0;
+  if (r.v1 > r.v0 && rj.lo < rj.hi) {
+    r.b0 = std::max(r.v0, r.first * OW + rj.lo);
+    r.b1 = std::max(r.b0, std::min(r.v1, r.last * OW + rj.hi));
+  }
+  return r;
+}
+
 // col[(c,m,q), p] = o[c, i·sh + m·dh − pt, j·sw + q·dw − pl] for output positions p = i·OW + j in
 // [p0, p1), zero where that falls in padding, for the rows r = (c,m,q) in [r0, r1). `in` holds Cg
 // planes of H×W; row r of `col` starts at col + (r − r0)·ld and holds positions p0 … p1 − 1.
@@ -167,18 +188,15 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
       // the last (all of it inside the plane), then zeros over the columns and rows not valid
       // (the copy read the neighbouring row's values there).
       const T* src = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-      const int64_t v0 = std::min(p1, std::max(p0, ri.lo * OW)), v1 = std::max(v0, std::min(p1, ri.hi * OW));
-      for (int64_t p = p0; p < v0; ++p) row[p] = T(0);
-      for (int64_t p = v1; p < p1; ++p) row[p] = T(0);
-      if (v0 == v1) continue;
-      const int64_t first = v0 / OW, last = (v1 - 1) / OW;  // the valid rows in the tile
-      if (rj.lo < rj.hi) {
-        const int64_t b0 = std::max(v0, first * OW + rj.lo), b1 = std::min(v1, last * OW + rj.hi);
-        for (int64_t p = b0; p < b1; ++p) row[p] = src[p];
-      }
-      for (int64_t i = first; i <= last; ++i) {
-        for (int64_t p = std::max(v0, i * OW), e = std::min(v1, i * OW + rj.lo); p < e; ++p) row[p] = T(0);
-        for (int64_t p = std::max(v0, i * OW + rj.hi), e = std::min(v1, (i + 1) * OW); p < e; ++p) row[p] = T(0);
+      const ContiguousRun run = contiguous_run(ri, rj, OW, p0, p1);
+      for (int64_t p = p0; p < run.v0; ++p) row[p] = T(0);
+      for (int64_t p = run.v1; p < p1; ++p) row[p] = T(0);
+      if (run.v0 == run.v1) continue;
+      for (int64_t p = run.b0; p < run.b1; ++p) row[p] = src[p];
+      for (int64_t i = run.first; i <= run.last; ++i) {
+        for (int64_t p = std::max(run.v0, i * OW), e = std::min(run.v1, i * OW + rj.lo); p < e; ++p) row[p] = T(0);
+        for (int64_t p = std::max(run.v0, i * OW + rj.hi), e = std::min(run.v1, (i + 1) * OW); p < e; ++p)
+          row[p] = T(0);
       }
       continue;
     }
@@ -332,15 +350,13 @@ void col2im_channels(T* col, int64_t ld, T* grad_in, const ConvShape& s, int64_t
         const Range rj = ranges_j[q];
         T* row = col + (((c - c0) * s.KH + m) * s.KW + q) * ld - p0;
         if (contiguous) {  // as in im2col_rows: from the first valid (i, j) to the last
-          const int64_t v0 = std::min(p1, std::max(p0, ri.lo * OW)), v1 = std::max(v0, std::min(p1, ri.hi * OW));
-          if (v0 == v1 || rj.lo == rj.hi) continue;
-          const int64_t first = v0 / OW, last = (v1 - 1) / OW;
-          const int64_t b0 = std::max(v0, first * OW + rj.lo), b1 = std::min(v1, last * OW + rj.hi);
-          for (int64_t i = first; i < last; ++i)  // the padding's columns between row i and row i + 1
-            for (int64_t p = std::max(b0, i * OW + rj.hi), e = std::min(b1, (i + 1) * OW + rj.lo); p < e; ++p)
+          const ContiguousRun run = contiguous_run(ri, rj, OW, p0, p1);
+          for (int64_t i = run.first; i < run.last; ++i)  // the padding's columns between row i and i + 1
+            for (int64_t p = std::max(run.b0, i * OW + rj.hi), e = std::min(run.b1, (i + 1) * OW + rj.lo); p < e;
+                 ++p)
               row[p] = T(0);
           T* dst = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
-          for (int64_t p = b0; p < b1; ++p) dst[p] += row[p];
+          for (int64_t p = run.b0; p < run.b1; ++p) dst[p] += row[p];
           continue;
         }
         for (int64_t i = std::max(p0 / OW, ri.lo); i < ri.hi && i * OW < p1; ++i) {
