@@ -819,15 +819,18 @@ CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx,
       std::fill(row, row + s.W * C, T(0));
       continue;
     }
+    // pixel w belongs to output column j = (w + pw) / sw: stepped along, no division per pixel
+    int64_t j = s.pw / s.sw, phase = s.pw % s.sw;
     for (int64_t w = 0; w < w_end; ++w) {
-      const int64_t o = (w + s.pw) / s.sw * C;
+      const int64_t o = j * C;
+      if (++phase == s.sw) phase = 0, ++j;
       const int64_t* __restrict__ ip = idx + o;
       const T* __restrict__ dp = d + o;
       T* __restrict__ out = row + w * C;
       const int64_t at = h * s.W + w;
       int64_t c = 0;
-      {
-        using G = GatherVec<T, PB>;
+      using G = GatherVec<T, PB>;
+      if (C >= G::kLanes) {
         typename G::index t[G::kIndexRegs];
         for (int r = 0; r < G::kIndexRegs; ++r) t[r] = typename G::index{} + at;
         for (; c + G::kLanes <= C; c += G::kLanes) {
@@ -835,6 +838,16 @@ CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx,
           const typename G::value v = G::select(dp + c, m);
           std::memcpy(out + c, &v, PB);
           count -= m;
+        }
+        if (c < C) {  // the last channels: one vector ending at C, its lanes before c counted already
+          const int64_t c0 = C - G::kLanes;
+          typename G::mask fresh;
+          for (int l = 0; l < G::kLanes; ++l) fresh[l] = c0 + l >= c ? -1 : 0;
+          const typename G::mask m = G::match(ip + c0, t);
+          const typename G::value v = G::select(dp + c0, m);
+          std::memcpy(out + c0, &v, PB);
+          count -= m & fresh;
+          c = C;
         }
       }
       for (; c < C; ++c) {
@@ -1033,13 +1046,15 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
                   " is outside the input plane of ", in_plane, " elements");
     };
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      // The gather for channels_last tiling windows, over 16 channels or more. Over fewer, its
-      // channel loop is one or two vectors and a tail per pixel, slower than the scatter (LeNet's
-      // 6: 7x as first written; 2x2 stride 2 at 28x28, batch 64, float32, 2 threads: 8 channels
-      // 135-139 against 107-109 us, 12: 235-238 against 174-176; at 16, 208-214 against 232-236);
-      // and on NCHW, along rows, it took 1.0-4.2x the scatter's time (NCHW's scatter works in one
-      // plane at a time, in cache).
-      if (cl && C >= 16 && window && is_tiling(*window) && max_pool2d_backward_tiled_cl(d, idx, gin, N, C, *window))
+      // The gather for channels_last tiling windows, over 24 channels or more. Over fewer, its
+      // channel loop is one or two vectors per pixel, and it reads each index once per tap where
+      // the scatter reads it once: slower than the scatter (LeNet's 6: 7x as first written; 2x2
+      // stride 2 at 28x28, batch 64, float32, 2 threads: 8 channels 135-139 against 107-109 us,
+      // 12: 235-238 against 174-176; on a Xeon, ~100K elements per call: 16 channels 1.02-1.33x
+      // the scatter's time over 10x10 to 56x56 planes, 20 channels 0.99-1.33x, 24 0.82-1.13x,
+      // 32 0.71-1.05x, 48-64 0.65-0.88x); and on NCHW, along rows, it took 1.0-4.2x the
+      // scatter's time (NCHW's scatter works in one plane at a time, in cache).
+      if (cl && C >= 24 && window && is_tiling(*window) && max_pool2d_backward_tiled_cl(d, idx, gin, N, C, *window))
         return;
     }
     if (cl && N < at::get_num_threads() && in_plane >= 2 * at::get_num_threads() && N * in_plane * C >= 32768) {

@@ -928,7 +928,8 @@ TILING_CASES = [
 def test_max_pool2d_backward_channels_last_tiling_gather(kw, dtype, threads):
     """channels_last windows that tile the input (kernel = stride): the backward, given the window,
     gathers (max_pool2d_backward_tiled_cl: each gradient written once, from its window's δ where the
-    index names it). Channel counts on and past the vector blocks (16 and more; fewer, 12 here, take
+    index names it). Channel counts on and past the vector blocks (24 and more, the last vector
+    overlapping the one before where the count is not a multiple of it; fewer, 12 and 17 here, take
     the scatter), odd sizes (rows and columns past the last window), ties, ±inf and NaN inputs, and δ
     holding −0, NaN and ±inf: bitwise the scatter's result (the op without the window), which is
     native's; −0 comes out +0, as 0 + (−0) does in the scatter. Indices that this window did not
@@ -940,7 +941,7 @@ def test_max_pool2d_backward_channels_last_tiling_gather(kw, dtype, threads):
     ops = torch.ops.cnnbp
     k, st, pad = (_args.pair("max_pool2d", n, kw.get(n, d)) for n, d in (("kernel_size", 1), ("stride", 1), ("padding", 0)))
     window = (list(k), list(st), list(pad), [1, 1])
-    for C in (12, 16, 17, 35):
+    for C in (12, 17, 24, 27, 35):
         for N, H, W in ((1, 9, 11), (3, 8, 7)):
             x = pool[torch.randint(len(pool), (N, C, H, W), generator=g)].to(dtype)
             x = x.contiguous(memory_format=torch.channels_last)
