@@ -742,18 +742,6 @@ inline bool is_tiling(const PoolShape& s) {
   return s.kh == s.sh && s.kw == s.sw && s.dh == 1 && s.dw == 1;
 }
 
-// hit ? v + 0 : +0, without a branch (which of a window's taps won is not predictable).
-template <typename T>
-CNNBP_ALWAYS_INLINE T plus_zero_if(T v, bool hit) {
-  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  v += T(0);
-  U bits;
-  std::memcpy(&bits, &v, sizeof(T));
-  bits &= U(0) - U(hit);
-  std::memcpy(&v, &bits, sizeof(T));
-  return v;
-}
-
 // Input rows [h0, h1) of the windows of output row i (and, for the last row, the rows past them).
 inline void rows_of(const PoolShape& s, int64_t i, int64_t& h0, int64_t& h1, int64_t& covered_end) {
   h0 = std::max<int64_t>(0, i * s.sh - s.ph);
@@ -804,7 +792,7 @@ struct GatherVec {
 };
 
 // channels_last: the input rows of output row i of sample n (d, idx: that row's δ and indices,
-// OW·C each; gin: sample n's gradient). Returns the matches.
+// OW·C each; gin: sample n's gradient). Returns the matches. C is at least one vector (PB bytes).
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx, T* gin, int64_t i, int64_t C,
                                                  const PoolShape& s) {
@@ -830,30 +818,22 @@ CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx,
       const int64_t at = h * s.W + w;
       int64_t c = 0;
       using G = GatherVec<T, PB>;
-      if (C >= G::kLanes) {
-        typename G::index t[G::kIndexRegs];
-        for (int r = 0; r < G::kIndexRegs; ++r) t[r] = typename G::index{} + at;
-        for (; c + G::kLanes <= C; c += G::kLanes) {
-          const typename G::mask m = G::match(ip + c, t);
-          const typename G::value v = G::select(dp + c, m);
-          std::memcpy(out + c, &v, PB);
-          count -= m;
-        }
-        if (c < C) {  // the last channels: one vector ending at C, its lanes before c counted already
-          const int64_t c0 = C - G::kLanes;
-          typename G::mask fresh;
-          for (int l = 0; l < G::kLanes; ++l) fresh[l] = c0 + l >= c ? -1 : 0;
-          const typename G::mask m = G::match(ip + c0, t);
-          const typename G::value v = G::select(dp + c0, m);
-          std::memcpy(out + c0, &v, PB);
-          count -= m & fresh;
-          c = C;
-        }
+      typename G::index t[G::kIndexRegs];
+      for (int r = 0; r < G::kIndexRegs; ++r) t[r] = typename G::index{} + at;
+      for (; c + G::kLanes <= C; c += G::kLanes) {
+        const typename G::mask m = G::match(ip + c, t);
+        const typename G::value v = G::select(dp + c, m);
+        std::memcpy(out + c, &v, PB);
+        count -= m;
       }
-      for (; c < C; ++c) {
-        const bool hit = ip[c] == at;
-        out[c] = plus_zero_if(dp[c], hit);
-        matched += hit;
+      if (c < C) {  // the last channels: one vector ending at C, its lanes before c counted already
+        const int64_t c0 = C - G::kLanes;
+        typename G::mask fresh;
+        for (int l = 0; l < G::kLanes; ++l) fresh[l] = c0 + l >= c ? -1 : 0;
+        const typename G::mask m = G::match(ip + c0, t);
+        const typename G::value v = G::select(dp + c0, m);
+        std::memcpy(out + c0, &v, PB);
+        count -= m & fresh;
       }
     }
     std::fill(row + w_end * C, row + s.W * C, T(0));
@@ -866,6 +846,7 @@ CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx,
 // was matched (else gin is incomplete, and the scatter must run).
 template <typename T>
 bool max_pool2d_backward_tiled_cl(const T* d, const int64_t* idx, T* gin, int64_t N, int64_t C, const PoolShape& s) {
+  if (C * int64_t(sizeof(T)) < 32) return false;  // under one vector of the widest compare_bytes
   std::atomic<int64_t> matched{0};
   const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
   // split over (sample, output row): the input rows of an output row are written by one thread
