@@ -540,14 +540,18 @@ const T* gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n
 // with a tap left out where it reads outside its row. (A padded zero adds w · 0 = ±0, nothing,
 // unless w is inf or NaN: then the term is NaN, as native's float64 computes it. Such outputs are
 // set to NaN after the row sums; ∂E/∂W does the same for a non-finite δ over the padding.)
-// Columns where every tap is inside (the interior) run in blocks of kDwLanes (or of half that, for
-// narrower interiors) whose sums stay in registers across all the taps, so each output is stored once; the last block overlaps the one
-// before it rather than running short (it recomputes those columns to the same values). The
-// few edge columns keep their sums in registers; interiors narrower than a block add tap by tap
-// along the whole row. Each output's terms are added in an order fixed by the shape alone.
+// Columns where every tap is inside (the interior) run in vectors of 64 bytes, up to kDwVectors of
+// them at once (dw_vectors), whose sums stay in registers across all the taps, so that each output
+// is stored once and the vectors' sums are independent chains (one vector alone waits on its
+// adds: 4 cycles each). The last vector of a row overlaps the one before it rather than running
+// short (it recomputes those columns to the same values). The few edge columns keep their sums in
+// registers; interiors narrower than a vector add tap by tap along the whole row. Each output's
+// terms are added in an order fixed by the shape alone.
 
-template <typename T>
-constexpr int kDwLanes = 128 / sizeof(T);  // two 512-bit vectors (four 256-bit)
+// Vectors per block: four (eight chains of 256-bit adds, four of 512-bit), two with 128-bit
+// registers (whose 16 would not hold four vectors' sums).
+template <int PB>
+constexpr int kDwVectors = PB >= 32 ? 4 : 2;
 
 struct DwRow {
   int64_t len;      // outputs in the row
@@ -557,7 +561,7 @@ struct DwRow {
   const Range* valid;  // valid[q]: the outputs whose tap q is inside the source row
   Range interior;      // the outputs whose taps are all inside
   const int64_t* wq;   // wq[q]: tap q's column in a weight row
-  // Narrow rows (see dw_row_narrow) read zero-padded copies of the source rows (pad_rows): `lead`
+  // Narrow rows (see dw_row) read zero-padded copies of the source rows (pad_rows): `lead`
   // zeros, the row, zeros up to `width` values, so that two blocks of 64 bytes of outputs read
   // inside the copy.
   int64_t lead, width;
@@ -581,29 +585,50 @@ CNNBP_ALWAYS_INLINE void dw_row_tap_by_tap(T* out, T init, const T* const* src, 
   }
 }
 
-// A row of at most 2·L outputs whose interior is narrower than L (14×14 and 7×7 planes), from
-// zero-padded copies of the source rows (pad_rows; src[t] points at column 0 of a copy): one or
-// two blocks of L outputs sum every tap in registers. The padding's terms w · 0 are exactly 0 for
-// a finite weight (callers copy only then); each output's terms come in the order of
-// dw_row_tap_by_tap.
-template <int PB, typename T>
-CNNBP_ALWAYS_INLINE void dw_row_narrow(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
-                                       const DwRow& r) {
-  constexpr int L = kLanes64<T>;
-  T block[2 * L];
-  for (int64_t j0 = 0; j0 < r.len; j0 += L) {
-    Vec64<T, PB> a0 = splat64<PB>(init);
-    for (int64_t t = 0; t < nrows; ++t) {
-      const T* row = src[t] + j0 * r.step;
-      for (int64_t q = 0; q < r.taps; ++q)
-        a0 += splat64<PB>(wr[t][r.wq[q]]) * load64_step<PB>(row + r.off[q], r.step);
+// NV vectors of L = kLanes64<T> outputs, vector v at column j[v]: init + every tap of every source
+// row, in dw_row_tap_by_tap's order. STEP: the source columns per output when 1 (unit loads), else
+// 0 (r.step at run time).
+template <int NV, int STEP, int PB, typename T>
+CNNBP_ALWAYS_INLINE void dw_vectors_of(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
+                                       const DwRow& r, const int64_t* j) {
+  const int64_t step = STEP == 1 ? 1 : r.step;
+  Vec64<T, PB> a[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) a[v] = splat64<PB>(init);
+  for (int64_t t = 0; t < nrows; ++t) {
+    for (int64_t q = 0; q < r.taps; ++q) {
+      const Vec64<T, PB> wv = splat64<PB>(wr[t][r.wq[q]]);
+      const T* sq = src[t] + r.off[q];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        a[v] += wv * (STEP == 1 ? load64<PB>(sq + j[v]) : load64_step<PB>(sq + j[v] * step, step));
     }
-    store64(block + j0, a0);
   }
-  std::copy(block, block + r.len, out);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) store64(out + j[v], a[v]);
 }
 
-// Whether dw_row takes dw_row_narrow for rows r (given zero-padded sources).
+// dw_vectors_of for nv (1 … kDwVectors<PB>) vectors.
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE void dw_vectors(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
+                                    const DwRow& r, const int64_t* j, int nv) {
+  auto run = [&](auto nvc) CNNBP_LAMBDA_INLINE {
+    constexpr int NV = decltype(nvc)::value;
+    if (r.step == 1)
+      dw_vectors_of<NV, 1, PB>(out, init, src, wr, nrows, r, j);
+    else
+      dw_vectors_of<NV, 0, PB>(out, init, src, wr, nrows, r, j);
+  };
+  static_assert(kDwVectors<PB> == 2 || kDwVectors<PB> == 4, "dw_vectors: 2 or 4 vectors per block");
+  switch (nv) {
+    case 1: run(std::integral_constant<int, 1>()); break;
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 3: if constexpr (kDwVectors<PB> == 4) run(std::integral_constant<int, 3>()); break;
+    default: if constexpr (kDwVectors<PB> == 4) run(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// Whether dw_row reads rows r from zero-padded copies (given them).
 template <typename T>
 bool narrow_rows(const DwRow& r) {
   return r.interior.hi - r.interior.lo < kLanes64<T> && r.len <= 2 * kLanes64<T>;
@@ -621,14 +646,20 @@ void pad_rows(const T* src, int64_t rows, int64_t len, int64_t ld, int64_t lead,
   }
 }
 
-// `padded`: the source rows are zero-padded copies (pad_rows with r.lead, r.width).
+// `padded`: the source rows are zero-padded copies (pad_rows with r.lead, r.width). A row of at
+// most 2·L outputs whose interior is narrower than L (14×14 and 7×7 planes) then reads them: its
+// one or two vectors of outputs sum every tap in registers (the padding's terms w · 0 are exactly 0
+// for a finite weight: callers copy only then).
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows,
                                 const DwRow& r, bool padded) {
-  constexpr int L = kLanes64<T>;  // blocks of V = 2·L, or of L for interiors narrower than V
+  constexpr int L = kLanes64<T>, NV = kDwVectors<PB>;
   const int64_t lo = r.interior.lo, hi = r.interior.hi;
   if (padded && narrow_rows<T>(r)) {
-    dw_row_narrow<PB>(out, init, src, wr, nrows, r);
+    T block[2 * L];
+    const int64_t j[NV] = {0, L};  // (NV ≥ 2)
+    dw_vectors<PB>(block, init, src, wr, nrows, r, j, static_cast<int>((r.len + L - 1) / L));
+    std::copy(block, block + r.len, out);
     return;
   }
   if (hi - lo < L) {
@@ -652,33 +683,13 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
   };
   for (int64_t j = 0; j < lo; ++j) column(j);
   for (int64_t j = hi; j < r.len; ++j) column(j);
-  if (hi - lo < 2 * L) {
-    for (int64_t j0 = lo;; j0 += L) {
-      j0 = std::min(j0, hi - L);
-      Vec64<T, PB> a0 = splat64<PB>(init);
-      for (int64_t t = 0; t < nrows; ++t) {
-        for (int64_t q = 0; q < r.taps; ++q)
-          a0 += splat64<PB>(wr[t][r.wq[q]]) * load64_step<PB>(src[t] + r.off[q] + j0 * r.step, r.step);
-      }
-      store64(out + j0, a0);
-      if (j0 + L >= hi) return;
-    }
-  }
-  constexpr int V = kDwLanes<T>;
-  for (int64_t j0 = lo;; j0 += V) {
-    j0 = std::min(j0, hi - V);
-    Vec64<T, PB> a0 = splat64<PB>(init), a1 = a0;
-    for (int64_t t = 0; t < nrows; ++t) {
-      for (int64_t q = 0; q < r.taps; ++q) {
-        const Vec64<T, PB> wv = splat64<PB>(wr[t][r.wq[q]]);
-        const T* sq = src[t] + r.off[q] + j0 * r.step;
-        a0 += wv * load64_step<PB>(sq, r.step);
-        a1 += wv * load64_step<PB>(sq + L * r.step, r.step);
-      }
-    }
-    store64(out + j0, a0);
-    store64(out + j0 + L, a1);
-    if (j0 + V >= hi) break;
+  // The interior's vectors start at lo, lo + L, …, the last at hi − L; NV of them at a time.
+  const int64_t vectors = (hi - lo + L - 1) / L;
+  for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
+    int64_t j[NV];
+    const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
+    for (int v = 0; v < nv; ++v) j[v] = std::min(lo + (v0 + v) * L, hi - L);
+    dw_vectors<PB>(out, init, src, wr, nrows, r, j, nv);
   }
 }
 
@@ -857,11 +868,15 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
 // Blocks of 64 bytes of columns at j0 (and, with BLK = 2, j1), taps [q0, q0 + QB) of window row m,
 // rows [i0, i1) of sample n: acc[t · ld + j] += Σ_i δ[n, k, i, j] · o[…], in registers. The first
 // `skip` columns of a single block are left as they are (a last block that overlaps the one before).
-template <int QB, int BLK, int PB, typename T>
-CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
+// STEP: s.sw when it is 1 (unit loads), else 0 (at run time).
+template <int QB, int BLK, int STEP, int PB, typename T>
+CNNBP_ALWAYS_INLINE void dw_weight_blocks_of(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
                                           int64_t i1, int64_t q0, int64_t j0, int64_t j1, T* acc_out, int64_t ld,
                                           int64_t skip = 0) {
   Vec64<T, PB> acc[BLK][QB];
+  auto load_cols = [&](const T* p) CNNBP_LAMBDA_INLINE {
+    return STEP == 1 ? load64<PB>(p) : load64_step<PB>(p, s.sw);
+  };
   const int64_t js[2] = {j0, j1};
   if (BLK == 1 && skip > 0) {
     for (int t = 0; t < QB; ++t) acc[0][t] = load64<PB>(acc_out + t * ld + j0);
@@ -869,7 +884,7 @@ CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const Con
       const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl + j0 * s.sw;
       const Vec64<T, PB> dv = load64<PB>(dk + i * s.OW + j0);
       for (int t = 0; t < QB; ++t) {
-        const Vec64<T, PB> term = dv * load64_step<PB>(x + t * s.dw, s.sw);
+        const Vec64<T, PB> term = dv * load_cols(x + t * s.dw);
         acc[0][t] += zero_lanes_below(term, skip);
       }
     }
@@ -887,13 +902,24 @@ CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const Con
     for (int b = 0; b < BLK; ++b) {
       const Vec64<T, PB> dv = load64<PB>(dk + i * s.OW + js[b]);
 #pragma GCC unroll 3
-      for (int t = 0; t < QB; ++t) acc[b][t] += dv * load64_step<PB>(x + js[b] * s.sw + t * s.dw, s.sw);
+      for (int t = 0; t < QB; ++t) acc[b][t] += dv * load_cols(x + js[b] * s.sw + t * s.dw);
     }
   }
 #pragma GCC unroll 2
   for (int b = 0; b < BLK; ++b)
 #pragma GCC unroll 3
     for (int t = 0; t < QB; ++t) store64(acc_out + t * ld + js[b], acc[b][t]);
+}
+
+// dw_weight_blocks_of, its loads for s.sw.
+template <int QB, int BLK, int PB, typename T>
+CNNBP_ALWAYS_INLINE void dw_weight_blocks(const T* plane, const T* dk, const ConvShape& s, int64_t m, int64_t i0,
+                                          int64_t i1, int64_t q0, int64_t j0, int64_t j1, T* acc_out, int64_t ld,
+                                          int64_t skip = 0) {
+  if (s.sw == 1)
+    dw_weight_blocks_of<QB, BLK, 1, PB>(plane, dk, s, m, i0, i1, q0, j0, j1, acc_out, ld, skip);
+  else
+    dw_weight_blocks_of<QB, BLK, 0, PB>(plane, dk, s, m, i0, i1, q0, j0, j1, acc_out, ld, skip);
 }
 
 // Column j, taps [q0, q0 + QB), the same rows: one sum per tap in a register. A tap that falls

@@ -666,13 +666,14 @@ DEPTHWISE_CASES = [
 ODD_WIDTHS = tuple(range(1, 38, 2))
 
 
-# The depthwise rows run in register blocks of two 64-byte vectors (forward, δ_in: 32 float / 16
-# double outputs) and ∂E/∂W in blocks of one (16 / 8 columns), paired, the last block overlapping its
-# neighbour; the edge columns and rows narrower than a block take other loops. Widths 1 … 83 put
-# the interior below, on and past one, two and several blocks in both dtypes. δ_in with a column
-# stride gathers each stride phase separately (interleaved at stride 2, and with dilation the taps
-# of a phase step by sw / gcd(sw, dw)).
-DEPTHWISE_WIDTHS = {torch.float64: tuple(range(1, 38, 2)), torch.float32: tuple(range(1, 84, 2))}
+# The depthwise rows (forward, δ_in) run in 64-byte vectors of 16 float / 8 double outputs, up to four
+# at a time (two on the portable path), the last vector overlapping its neighbour; ∂E/∂W runs in
+# blocks of one vector, paired, the last block overlapping its neighbour; the edge columns and rows
+# narrower than a vector take other loops. Widths 1 … 83 (and four float rows past two groups of
+# four) put the interior below, on and past one vector, one group and several in both dtypes. δ_in
+# with a column stride gathers each stride phase separately (interleaved at stride 2, and with
+# dilation the taps of a phase step by sw / gcd(sw, dw)).
+DEPTHWISE_WIDTHS = {torch.float64: tuple(range(1, 84, 2)), torch.float32: (*range(1, 84, 2), 127, 129, 145, 163)}
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
@@ -689,7 +690,7 @@ def test_depthwise_every_odd_width(case, dtype):
 
 
 # Rows too narrow for a 64-byte block of interior columns but at most two blocks long (16 / 32 floats,
-# 8 / 16 doubles) run on zero-padded copies (dw_row_narrow, and ∂E/∂W's narrow planes): widths on
+# 8 / 16 doubles) run on zero-padded copies (dw_row, and ∂E/∂W's narrow planes): widths on
 # both sides of one and two blocks, even ones included (the odd-width sweep above has none).
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 def test_depthwise_narrow_rows(dtype):
