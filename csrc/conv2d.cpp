@@ -893,16 +893,17 @@ CNNBP_ALWAYS_INLINE void dw_weight_blocks_of(const T* plane, const T* dk, const 
   };
   const int64_t js[2] = {j0, j1};
   if (BLK == 1 && skip > 0) {
+    const LaneMask<PB, T> fresh(static_cast<int>(skip));
+#pragma GCC unroll 3
     for (int t = 0; t < QB; ++t) acc[0][t] = load64<PB>(acc_out + t * ld + j0);
     for (int64_t i = i0; i < i1; ++i) {
       const T* x = plane + (i * s.sh + m * s.dh - s.pt) * s.W + q0 * s.dw - s.pl + j0 * s.sw;
       const Vec64<T, PB> dv = load64<PB>(dk + i * s.OW + j0);
-      for (int t = 0; t < QB; ++t) {
-        const Vec64<T, PB> term = dv * load_cols(x + t * s.dw);
-        acc[0][t] += zero_lanes_below(term, skip);
-      }
+#pragma GCC unroll 3
+      for (int t = 0; t < QB; ++t) acc[0][t] += keep_lanes(dv * load_cols(x + t * s.dw), fresh);
     }
     // (the skipped columns got + 0 above: their values are unchanged, the sign of a zero aside)
+#pragma GCC unroll 3
     for (int t = 0; t < QB; ++t) store64(acc_out + t * ld + j0, acc[0][t]);
     return;
   }
@@ -977,12 +978,14 @@ CNNBP_ALWAYS_INLINE bool finite_over_padding(const T* d, const ConvShape& s, int
   return ok;
 }
 
-// Runs f.template operator()<QB>(q0) over the taps of a window row in groups of up to three.
+// Runs f.template operator()<QB>(q0) over the taps of a window row in groups of three, the last of
+// one or two.
 template <typename F>
 CNNBP_ALWAYS_INLINE void for_tap_groups(int64_t taps, const F& f) {
   int64_t q = 0;
   for (; q + 3 <= taps; q += 3) f(std::integral_constant<int, 3>(), q);
-  for (; q < taps; ++q) f(std::integral_constant<int, 1>(), q);
+  if (q + 2 == taps) f(std::integral_constant<int, 2>(), q);
+  if (q + 1 == taps) f(std::integral_constant<int, 1>(), q);
 }
 
 template <typename T>

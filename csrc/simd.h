@@ -182,17 +182,28 @@ CNNBP_ALWAYS_INLINE Vec64<T, PB> splat64(T x) {
   return r;
 }
 
-// x with its lanes below `skip` set to +0.
+// Lanes at and above `skip` of 64 bytes of T, as bit masks (for keep_lanes): built once, outside
+// the loops that apply them.
 template <int PB, typename T>
-CNNBP_ALWAYS_INLINE Vec64<T, PB> zero_lanes_below(const Vec64<T, PB>& x, int skip) {
+struct LaneMask {
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
   typedef I index __attribute__((vector_size(PB)));
+  static constexpr int kPieces = 64 / PB, kPieceLanes = PB / int(sizeof(T));
+  index keep[kPieces];
+  explicit LaneMask(int skip) {
+    for (int i = 0; i < kPieces; ++i)
+      for (int l = 0; l < kPieceLanes; ++l) keep[i][l] = i * kPieceLanes + l < skip ? 0 : -1;
+  }
+};
+
+// x with the lanes that m does not keep set to +0.
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE Vec64<T, PB> keep_lanes(const Vec64<T, PB>& x, const LaneMask<PB, T>& m) {
   Vec64<T, PB> r;
   for (int i = 0; i < x.kPieces; ++i) {
-    index keep, bits;
-    for (int l = 0; l < x.kPieceLanes; ++l) keep[l] = i * x.kPieceLanes + l < skip ? 0 : -1;
+    typename LaneMask<PB, T>::index bits;
     std::memcpy(&bits, &x.v[i], PB);  // (a vector ?: here crashed GCC 12 on the portable path)
-    bits &= keep;
+    bits &= m.keep[i];
     std::memcpy(&r.v[i], &bits, PB);
   }
   return r;
