@@ -290,11 +290,14 @@ CNNBP_ALWAYS_INLINE void spill_block(const typename B::value (&best)[B::kPieces]
   }
 }
 
-// A block's first n of L maxima and their positions into a row of outputs and indices.
+// A block's first n of L maxima and their positions into a row of outputs and indices. `room`:
+// how many outputs from `out` on the caller writes later anyway (its own, in order): where all L
+// lanes fit in it, all are stored (the extra lanes are overwritten later), which saves the short
+// copies of a partial block (GCC makes them calls to memmove).
 template <int L, typename T, typename A, typename I>
 CNNBP_ALWAYS_INLINE void store_block(T* __restrict__ out, int64_t* __restrict__ idx, const A (&vals)[L],
-                                     const I (&at)[L], int n) {
-  if (n == L) {
+                                     const I (&at)[L], int n, int64_t room) {
+  if (n == L || room >= L) {
     for (int l = 0; l < L; ++l) out[l] = static_cast<T>(vals[l]);
     for (int l = 0; l < L; ++l) idx[l] = at[l];
   } else {
@@ -363,10 +366,11 @@ CNNBP_ALWAYS_INLINE bool fill_plane(const T* in, A* buf, const PlaneBlocks<A>& b
 }
 
 // The outputs of one plane from its buffer, L at a time. KH, KW > 0: the window's size at compile
-// time (its taps unrolled); 0: s.kh, s.kw.
+// time (its taps unrolled); 0: s.kh, s.kw. `after`: the outputs past the plane's that the caller
+// writes later (see store_block).
 template <int KH, int KW, bool kNaN, int L, int PB, typename T, typename A>
 CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* idx, const PlaneBlocks<A>& b,
-                                                 const PoolShape& s) {
+                                                 const PoolShape& s, int64_t after) {
   using B = PoolBlock<A, PB, L>;
   using I = typename B::I;
   using value = typename B::value;
@@ -397,7 +401,8 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
       A vals[L];
       I at[L];
       spill_block<B>(best, off, vals, at);
-      store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, static_cast<int>(std::min<int64_t>(L, s.OW - j0)));
+      store_block(out + i * s.OW + j0, idx + i * s.OW + j0, vals, at, static_cast<int>(std::min<int64_t>(L, s.OW - j0)),
+                  (s.OH - i) * s.OW - j0 + after);
     }
   }
 }
@@ -407,15 +412,15 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
 // (IsaTag::compare_bytes).
 template <int L, int PB, int CB, typename T, typename A>
 CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t* idx, A* buf, const PlaneBlocks<A>& b,
-                                                   const PoolShape& s) {
+                                                   const PoolShape& s, int64_t after) {
   if (fill_plane(in, buf, b, s))
-    max_pool2d_plane_blocks<0, 0, true, L, CB>(buf, out, idx, b, s);
+    max_pool2d_plane_blocks<0, 0, true, L, CB>(buf, out, idx, b, s, after);
   else if (s.kh == 2 && s.kw == 2)
-    max_pool2d_plane_blocks<2, 2, false, L, PB>(buf, out, idx, b, s);
+    max_pool2d_plane_blocks<2, 2, false, L, PB>(buf, out, idx, b, s, after);
   else if (s.kh == 3 && s.kw == 3)
-    max_pool2d_plane_blocks<3, 3, false, L, PB>(buf, out, idx, b, s);
+    max_pool2d_plane_blocks<3, 3, false, L, PB>(buf, out, idx, b, s, after);
   else
-    max_pool2d_plane_blocks<0, 0, false, L, PB>(buf, out, idx, b, s);
+    max_pool2d_plane_blocks<0, 0, false, L, PB>(buf, out, idx, b, s, after);
 }
 
 // One output (i, j) of a plane by the general scan: from the lowest value at the window's first
@@ -439,8 +444,9 @@ CNNBP_ALWAYS_INLINE void pool_window(const T* in, T* out, int64_t* idx, int64_t 
 // and right taps) by vector shuffles, and the four taps offered in scan order: the first starts the
 // maximum (a whole window's first tap is in the image), and a NaN or a strictly
 // larger value takes over. The last block of a row may read on past the row's end (into the next
-// rows: its extra lanes are not stored), but never past `in_end`, the end of the input: a block
-// that would is first copied into a local buffer, and so is every block of a half type (converted).
+// rows), but never past `in_end`, the end of the input: a block that would is first copied into a
+// local buffer, and so is every block of a half type (converted). Its extra lanes are stored too
+// where the outputs they land on are this call's later ones (rewritten after), not past row r1.
 // Rows r0 … r1 − 1 of all the planes' output rows (row r: plane r / OH, row r % OH), so that small
 // planes (LeNet's 5 rows of 5) cost no set-up each. In ceil mode the windows of the last row and
 // column may hold one input row or column only: those take the general scan (pool_window), the
@@ -468,8 +474,6 @@ CNNBP_ALWAYS_INLINE void max_pool2d_rows_2x2_blocks(const T* in, const T* in_end
     const T* r1p = r0p + s.W;
     const I origin = static_cast<I>(2 * i * s.W);
     const int64_t whole = i < OH_in ? std::min(s.OW, OW_in) : 0;  // outputs of this row with whole windows
-    for (int64_t j = whole; j < s.OW; ++j)
-      pool_window(in + plane * s.H * s.W, out + r * s.OW + j, idx + r * s.OW + j, i, j, s);
     for (int64_t j0 = 0; j0 < whole; j0 += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, whole - j0));
       const A* top = copy[0];
@@ -505,8 +509,11 @@ CNNBP_ALWAYS_INLINE void max_pool2d_rows_2x2_blocks(const T* in, const T* in_end
         std::memcpy(vals + p * PL, &best, PBytes);
         std::memcpy(at + p * PL, &off, PBytes);
       }
-      store_block(out + r * s.OW + j0, idx + r * s.OW + j0, vals, at, n);
+      store_block(out + r * s.OW + j0, idx + r * s.OW + j0, vals, at, n, (r1 - r) * s.OW - j0);
     }
+    // (after the blocks, whose extra lanes may have run into these outputs)
+    for (int64_t j = whole; j < s.OW; ++j)
+      pool_window(in + plane * s.H * s.W, out + r * s.OW + j, idx + r * s.OW + j, i, j, s);
     if (++i == s.OH) i = 0, ++plane;
   }
 }
@@ -543,10 +550,13 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes, CB = decltype(isa)::compare_bytes;
       for (int64_t p = p0; p < p1; ++p) {
+        const int64_t after = (p1 - 1 - p) * out_plane;  // this thread's later planes
         if (L == kFull)
-          max_pool2d_plane_buffered<kFull, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+          max_pool2d_plane_buffered<kFull, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s,
+                                                   after);
         else
-          max_pool2d_plane_buffered<kFull / 2, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s);
+          max_pool2d_plane_buffered<kFull / 2, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(),
+                                                       b, s, after);
       }
     }, blend_isa());
   });
@@ -696,7 +706,7 @@ CNNBP_ALWAYS_INLINE int64_t max_pool2d_pixel_cl_blocks(const A* in_n, A* out_px,
     A vals[L];
     I where[L];
     spill_block<B>(best, at, vals, where);
-    store_block(out_px + c0, idx_px + c0, vals, where, L);
+    store_block(out_px + c0, idx_px + c0, vals, where, L, L);
   }
   return c0;
 }

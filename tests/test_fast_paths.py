@@ -994,6 +994,28 @@ def test_max_pool2d_2x2_ceil_ties_inf_nan(size, dtype, layout):
         assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
 
 
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("kw", [dict(kernel_size=2, stride=2), dict(kernel_size=2, stride=2, ceil_mode=True),
+                                dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2, ceil_mode=True)],
+                         ids=kw_id)
+def test_max_pool2d_nchw_short_blocks_stored_whole(kw, threads):
+    """NCHW: a block of outputs that runs past its row's end is stored whole where the outputs its
+    extra lanes land on are the same thread's later ones (rewritten after: the next rows, the next
+    planes, and in ceil mode the row's partial windows, now scanned after the blocks), and stored
+    short at the end of a thread's rows or planes. Output widths 1..20, batches whose rows and
+    planes split unevenly over 1-3 threads: values and indices exactly as native's."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(23)
+    for W in range(2, 42, 2 if kw["kernel_size"] == 2 else 3):
+        for N, C, H in ((3, 7, 9), (1, 5, 14)):
+            x = torch.randn(N, C, H, W + (W % 3 == 1), generator=g)
+            ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+            ours, idx = torch_cnnbp.max_pool2d(x, return_indices=True, **kw)
+            msg = f"{kw_id(kw)}, {tuple(x.shape)}, {threads} threads"
+            assert torch.equal(idx, ref_idx), msg
+            assert torch.equal(ours, ref), msg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
