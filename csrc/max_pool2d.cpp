@@ -806,8 +806,14 @@ struct GatherVec {
 template <int PB, typename T>
 CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx, T* gin, int64_t i, int64_t C,
                                                  const PoolShape& s) {
-  using M = typename GatherVec<T, PB>::mask;
+  using G = GatherVec<T, PB>;
+  using M = typename G::mask;
   M count{};
+  // The channels past the whole vectors: one vector ending at C, whose lanes before `tail` the
+  // vectors counted already (`fresh`: the others).
+  const int64_t tail = C / G::kLanes * G::kLanes, c0 = C - G::kLanes;
+  M fresh;
+  for (int l = 0; l < G::kLanes; ++l) fresh[l] = c0 + l >= tail ? -1 : 0;
   int64_t h0, h1, covered_end, matched = 0;
   rows_of(s, i, h0, h1, covered_end);
   const int64_t w_end = std::min(s.W, s.OW * s.sw - s.pw);  // columns from w_end on belong to no window
@@ -826,21 +832,16 @@ CNNBP_ALWAYS_INLINE int64_t tiled_gather_rows_cl(const T* d, const int64_t* idx,
       const T* __restrict__ dp = d + o;
       T* __restrict__ out = row + w * C;
       const int64_t at = h * s.W + w;
-      int64_t c = 0;
-      using G = GatherVec<T, PB>;
       typename G::index t[G::kIndexRegs];
       for (int r = 0; r < G::kIndexRegs; ++r) t[r] = typename G::index{} + at;
-      for (; c + G::kLanes <= C; c += G::kLanes) {
-        const typename G::mask m = G::match(ip + c, t);
+      for (int64_t c = 0; c < tail; c += G::kLanes) {
+        const M m = G::match(ip + c, t);
         const typename G::value v = G::select(dp + c, m);
         std::memcpy(out + c, &v, PB);
         count -= m;
       }
-      if (c < C) {  // the last channels: one vector ending at C, its lanes before c counted already
-        const int64_t c0 = C - G::kLanes;
-        typename G::mask fresh;
-        for (int l = 0; l < G::kLanes; ++l) fresh[l] = c0 + l >= c ? -1 : 0;
-        const typename G::mask m = G::match(ip + c0, t);
+      if (tail < C) {
+        const M m = G::match(ip + c0, t);
         const typename G::value v = G::select(dp + c0, m);
         std::memcpy(out + c0, &v, PB);
         count -= m & fresh;
