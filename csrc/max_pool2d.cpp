@@ -311,7 +311,7 @@ template <typename A>
 struct PlaneBlocks {
   using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
   int64_t lanes;                  // L, outputs per block
-  int64_t phase_len, row_len;     // row_len = sw · phase_len
+  int64_t phase_len, row_len;     // row_len = sw · phase_len; phase_len a whole number of 64-byte vectors
   int64_t rows;                   // padded rows in the buffer
   std::vector<int64_t> tap_src;   // tap t = m·kw + q: its run's start, from the block's first row and output
   std::vector<I> tap_off;         // and its offset m·dh·W + q·dw
@@ -321,7 +321,8 @@ struct PlaneBlocks {
 
   PlaneBlocks(const PoolShape& s, int64_t L) : lanes(L) {
     const int64_t OW_blocks = (s.OW + L - 1) / L * L;
-    phase_len = OW_blocks + ((s.kw - 1) * s.dw) / s.sw;
+    constexpr int64_t kVector = 64 / int64_t(sizeof(A));
+    phase_len = (OW_blocks + ((s.kw - 1) * s.dw) / s.sw + kVector - 1) / kVector * kVector;
     row_len = s.sw * phase_len;
     rows = (s.OH - 1) * s.sh + (s.kh - 1) * s.dh + 1;
     for (int64_t m = 0; m < s.kh; ++m) {
@@ -347,15 +348,78 @@ struct PlaneBlocks {
   int64_t buffer_size() const { return rows * row_len; }
 };
 
-// Copies plane `in` into the padded, phase-split buffer; returns whether it holds a NaN.
-template <typename T, typename A>
-CNNBP_ALWAYS_INLINE bool fill_plane(const T* in, A* buf, const PlaneBlocks<A>& b, const PoolShape& s) {
+// The first n values of src to dst, vector by vector; returns whether they hold a NaN.
+template <int PB, typename A>
+CNNBP_ALWAYS_INLINE bool copy_and_check_nan(const A* __restrict__ src, A* __restrict__ dst, int64_t n) {
+  using B = PoolBlock<A, PB, PB / int(sizeof(A))>;
+  constexpr int V = B::kPieceLanes;
+  typename B::offset nan{};
+  int64_t v = 0;
+  for (; v + V <= n; v += V) {
+    typename B::value x;
+    std::memcpy(&x, src + v, PB);
+    std::memcpy(dst + v, &x, PB);
+    nan |= x != x;
+  }
+  bool any = false;
+  for (; v < n; ++v) {
+    dst[v] = src[v];
+    any |= src[v] != src[v];
+  }
+  for (int l = 0; l < V; ++l) any |= nan[l] != 0;
+  return any;
+}
+
+// Copies plane `in` into the padded, phase-split buffer; returns whether it holds a NaN. `fresh`:
+// the buffer's first plane. The padding (rows above and below the image, columns left and right
+// of it) holds the lowest value; its geometry is the same for every plane, so it is written for
+// the first plane only. Strides 1 and 2 of float and double copy vector by vector: stride 1
+// straight into the padded row, stride 2 through `line` (row_len values, its padding the lowest
+// value) whose even and odd elements are then split into the two phases by shuffles. Every phase
+// is a whole number of vectors (PlaneBlocks). Other strides and the half types (converted) take
+// fill_phases, padding included, value by value.
+template <int PB, typename T, typename A>
+CNNBP_ALWAYS_INLINE bool fill_plane(const T* in, A* buf, A* line, const PlaneBlocks<A>& b, const PoolShape& s,
+                                    bool fresh) {
   const A low = lowest_value<T>();
+  const int64_t r0 = s.ph, r1 = std::min(b.rows, s.ph + s.H);  // the buffer's rows in the image
+  if constexpr (std::is_same_v<T, A>) {
+    if (s.sw <= 2) {
+      if (fresh) {
+        std::fill(buf, buf + b.buffer_size(), low);
+        std::fill(line, line + b.row_len, low);
+      }
+      const int64_t body = std::min(s.W, b.row_len - s.pw);  // the values of an input row the windows reach
+      bool nan = false;
+      if (s.sw == 1) {
+        for (int64_t r = r0; r < r1; ++r)
+          nan |= copy_and_check_nan<PB>(in + (r - s.ph) * s.W, buf + r * b.row_len + s.pw, body);
+        return nan;
+      }
+      using B = PoolBlock<A, PB, PB / int(sizeof(A))>;
+      constexpr int V = B::kPieceLanes;
+      typename B::offset even, odd;
+      for (int l = 0; l < V; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+      for (int64_t r = r0; r < r1; ++r) {
+        nan |= copy_and_check_nan<PB>(in + (r - s.ph) * s.W, line + s.pw, body);
+        A* phase0 = buf + r * b.row_len;
+        A* phase1 = phase0 + b.phase_len;
+        for (int64_t t = 0; t < b.phase_len; t += V) {
+          typename B::value x, y;
+          std::memcpy(&x, line + 2 * t, PB);
+          std::memcpy(&y, line + 2 * t + V, PB);
+          const typename B::value even_values = __builtin_shuffle(x, y, even), odd_values = __builtin_shuffle(x, y, odd);
+          std::memcpy(phase0 + t, &even_values, PB);
+          std::memcpy(phase1 + t, &odd_values, PB);
+        }
+      }
+      return nan;
+    }
+  }
   for (int64_t r = 0; r < b.rows; ++r) {
-    const int64_t h = r - s.ph;
     A* dst = buf + r * b.row_len;
-    if (h >= 0 && h < s.H)
-      fill_phases(in + h * s.W, dst, b.phase_len, s, low);
+    if (r >= r0 && r < r1)
+      fill_phases(in + (r - s.ph) * s.W, dst, b.phase_len, s, low);
     else
       std::fill(dst, dst + b.row_len, low);
   }
@@ -411,9 +475,10 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_blocks(const A* buf, T* out, int64_t* 
 // PB: the register width; CB: the width for the NaN planes' combined comparisons
 // (IsaTag::compare_bytes).
 template <int L, int PB, int CB, typename T, typename A>
-CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t* idx, A* buf, const PlaneBlocks<A>& b,
-                                                   const PoolShape& s, int64_t after) {
-  if (fill_plane(in, buf, b, s))
+CNNBP_ALWAYS_INLINE void max_pool2d_plane_buffered(const T* in, T* out, int64_t* idx, A* buf, A* line,
+                                                   const PlaneBlocks<A>& b, const PoolShape& s, int64_t after,
+                                                   bool fresh) {
+  if (fill_plane<PB>(in, buf, line, b, s, fresh))
     max_pool2d_plane_blocks<0, 0, true, L, CB>(buf, out, idx, b, s, after);
   else if (s.kh == 2 && s.kw == 2)
     max_pool2d_plane_blocks<2, 2, false, L, PB>(buf, out, idx, b, s, after);
@@ -546,17 +611,17 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     return true;
   }
   at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
-    std::vector<A> buf(b.buffer_size());
+    std::vector<A> buf(b.buffer_size()), line(b.row_len);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
       constexpr int PB = decltype(isa)::vector_bytes, CB = decltype(isa)::compare_bytes;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t after = (p1 - 1 - p) * out_plane;  // this thread's later planes
         if (L == kFull)
-          max_pool2d_plane_buffered<kFull, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(), b, s,
-                                                   after);
+          max_pool2d_plane_buffered<kFull, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(),
+                                                   line.data(), b, s, after, p == p0);
         else
-          max_pool2d_plane_buffered<kFull / 2, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane, buf.data(),
-                                                       b, s, after);
+          max_pool2d_plane_buffered<kFull / 2, PB, CB>(in + p * in_plane, out + p * out_plane, idx + p * out_plane,
+                                                       buf.data(), line.data(), b, s, after, p == p0);
       }
     }, blend_isa());
   });

@@ -1016,6 +1016,32 @@ def test_max_pool2d_nchw_short_blocks_stored_whole(kw, threads):
             assert torch.equal(ours, ref), msg
 
 
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=(2, 4), stride=(1, 2), padding=(1, 2), ceil_mode=True),
+                                dict(kernel_size=3, stride=3, padding=1)], ids=kw_id)
+def test_max_pool2d_nchw_buffer_kept_between_planes(kw, dtype, threads):
+    """NCHW, floating types: each thread copies its planes one after another into one padded buffer
+    (stride 1 and 2 of float and double vector by vector, writing the padding's lowest values for a
+    thread's first plane only; stride 3 and bfloat16 value by value). The planes past a thread's first
+    hold NaN on the border (and not its neighbours, whose buffer then holds no NaN), or only −inf (which
+    the padding must never beat): values and indices exactly as native's, over 1-3 threads."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(29)
+    for W in (5, 16, 17, 38):
+        x = torch.randn(3, 7, 9, W, generator=g).to(dtype)
+        x[1, 2, 0, W - 1] = x[2, 5, 8, 0] = x[2, 6, 4, W // 2] = math.nan
+        x[1, 4] = -math.inf
+        x[2, 0, :, 0] = -math.inf
+        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+        ours, idx = torch_cnnbp.max_pool2d(x, return_indices=True, **kw)
+        msg = f"{kw_id(kw)}, {tuple(x.shape)}, {dtype}, {threads} threads"
+        assert torch.equal(idx, ref_idx), msg
+        assert torch.equal(ours.isnan(), ref.isnan()), msg
+        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
