@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 
 namespace cnnbp {
@@ -53,6 +54,39 @@ inline Range valid_range(int64_t out_len, int64_t in_len, int64_t stride, int64_
   lo = std::min(lo, out_len);
   hi = std::max(lo, std::min(hi, out_len));
   return {lo, hi};
+}
+
+// dst[0, n) = src[0, n) for rows of any length, inline: whole 64-byte pieces, then the rest as two
+// pieces of the largest power-of-two size that fits, overlapping (each byte written with its own
+// value, nothing outside [0, n) read or written). Rows of a few values (depthwise planes of 7×7 or
+// 14×14) would otherwise each be a call to memmove, which std::copy and plain loops compile to.
+// src and dst must not overlap.
+template <int kBytes>
+inline void copy_piece(char* dst, const char* src) {
+  char piece[kBytes];
+  std::memcpy(piece, src, kBytes);
+  std::memcpy(dst, piece, kBytes);
+}
+template <typename T>
+inline void copy_values(T* __restrict__ dst_, const T* __restrict__ src_, int64_t n) {
+  char* dst = reinterpret_cast<char*>(dst_);
+  const char* src = reinterpret_cast<const char*>(src_);
+  const int64_t bytes = n * int64_t(sizeof(T));
+  if (bytes >= 64) {
+    int64_t b = 0;
+    for (; b + 64 <= bytes; b += 64) copy_piece<64>(dst + b, src + b);
+    if (b < bytes) copy_piece<64>(dst + bytes - 64, src + bytes - 64);
+  } else if (bytes >= 32) {
+    copy_piece<32>(dst, src), copy_piece<32>(dst + bytes - 32, src + bytes - 32);
+  } else if (bytes >= 16) {
+    copy_piece<16>(dst, src), copy_piece<16>(dst + bytes - 16, src + bytes - 16);
+  } else if (bytes >= 8) {
+    copy_piece<8>(dst, src), copy_piece<8>(dst + bytes - 8, src + bytes - 8);
+  } else if (bytes >= 4) {
+    copy_piece<4>(dst, src), copy_piece<4>(dst + bytes - 4, src + bytes - 4);
+  } else {
+    for (int64_t b = 0; b < bytes; ++b) dst[b] = src[b];
+  }
 }
 
 // Grain size for at::parallel_for over items of about `work` elementary steps each: ranges with

@@ -524,7 +524,7 @@ const T* gather_delta_frames(const T* grad_output, const ConvShape& s, int64_t n
       const T* src = grad_output + ((n + j) * s.K + g * s.Kg() + k) * P;
       T* dst = pack + k * ld + j * f.P;
       for (int64_t i = 0; i < s.OH; ++i) {
-        std::copy(src + i * s.OW, src + (i + 1) * s.OW, dst + i * f.Wp);
+        copy_values(dst + i * f.Wp, src + i * s.OW, s.OW);
         std::fill(dst + i * f.Wp + s.OW, dst + (i + 1) * f.Wp, T(0));
       }
     }
@@ -655,7 +655,7 @@ bool padding_pays(const DwRow& r) {
 // pad_rows writes, always with the same geometry, so only the rows' values are copied.
 template <typename T>
 void pad_rows(const T* src, int64_t rows, int64_t len, int64_t ld, int64_t lead, int64_t width, T* out) {
-  for (int64_t i = 0; i < rows; ++i) std::copy(src + i * ld, src + i * ld + len, out + i * width + lead);
+  for (int64_t i = 0; i < rows; ++i) copy_values(out + i * width + lead, src + i * ld, len);
 }
 
 // `padded`: the source rows are zero-padded copies (pad_rows with r.lead, r.width). Then every
@@ -670,7 +670,7 @@ CNNBP_ALWAYS_INLINE void dw_row(T* out, T init, const T* const* src, const T* co
     T block[L];
     const int64_t j[NV] = {};
     dw_vectors<PB>(block, init, src, wr, nrows, r, j, 1);
-    std::copy(block, block + r.len, out);
+    copy_values(out, block, r.len);
     return;
   }
   const int64_t lo = padded ? 0 : r.interior.lo, hi = padded ? r.len : r.interior.hi;
