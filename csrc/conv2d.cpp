@@ -734,12 +734,87 @@ struct DwColumns {
   }
 };
 
+// ---- depthwise planes narrower than a vector: frames -----------------------------------------
+// Output rows shorter than one 64-byte vector (MobileNet's 7×7 planes; 14×14 ones at stride 2)
+// would each be one vector whose KH·KW terms form one chain of dependent adds. Instead the plane's
+// source goes into a zero-initialised frame of rows `ld` values apart (its values only, at the same
+// places for every plane, so the zeros around them stay), ld being the padded columns the outputs
+// read, and output (i, j) is computed at frame position p = i·ld + j: tap (m, q) reads frame element
+// p·s + m·dh·ld + q·dw (row and column stride both s), linear in p. The plane then runs as one row
+// of `positions` outputs in vectors, up to kDwVectors at a time (positions with j ≥ OW are computed
+// too and dropped). The forward at equal strides reads the input this way; δ_in, at any stride,
+// reads δ spread out by the stride with the window turned around (see depthwise_grad_input). Used
+// with finite weights only (the zeros' terms w · 0 must be 0), as the padded rows.
+struct DwFrame {
+  int64_t ld, rows;    // the frame's row length and rows
+  int64_t top, left;   // where source row 0, column 0 goes
+  int64_t spread_h, spread_w;  // source rows and columns this far apart in the frame (zeros between)
+  int64_t OH, OW, positions, size;  // the outputs; frame positions computed (whole vectors); values
+  DwColumns cols;      // the taps: column q·dw, weight column wq[q], step s (for dw_vectors)
+  DwFrame(int64_t OH_, int64_t OW_, int64_t KH, int64_t KW, int64_t step, int64_t dh, int64_t dw, int64_t top_,
+          int64_t left_, int64_t spread_h_, int64_t spread_w_, int64_t lanes, bool flipped)
+      : ld((OW_ - 1) * step + (KW - 1) * dw + 1), rows((OH_ - 1) * step + (KH - 1) * dh + 1), top(top_), left(left_),
+        spread_h(spread_h_), spread_w(spread_w_), OH(OH_), OW(OW_), positions(((OH_ - 1) * ld + OW_ + lanes - 1) / lanes * lanes),
+        size(std::max(rows * ld, (positions - 1) * step + (KH - 1) * dh * ld + (KW - 1) * dw + 1)),
+        cols(positions, size, step, KW, 0, dw, flipped ? KW - 1 : 0, flipped ? -1 : 1) {}
+  // Source plane (H × W values) into the frame at `frame`: value (h, v) at frame row
+  // top + h·spread_h, column left + v·spread_w (those inside the frame).
+  template <typename T>
+  CNNBP_ALWAYS_INLINE void fill(const T* plane, int64_t H, int64_t W, T* frame) const {
+    const int64_t n = std::min(W, (ld - left + spread_w - 1) / spread_w);
+    const int64_t h1 = std::min(H, (rows - top + spread_h - 1) / spread_h);
+    for (int64_t h = 0; h < h1 && n > 0; ++h) {
+      T* dst = frame + (top + h * spread_h) * ld + left;
+      if (spread_w == 1) {
+        copy_values(dst, plane + h * W, n);
+      } else {
+        for (int64_t v = 0; v < n; ++v) dst[v * spread_w] = plane[h * W + v];
+      }
+    }
+  }
+  // The frame's outputs, from nrows source rows src[t] (a frame row each) with weight rows wr[t],
+  // into `out` (OH × OW); `buf`: `positions` values.
+  template <int PB, typename T>
+  CNNBP_ALWAYS_INLINE void run(T* out, T init, const T* const* src, const T* const* wr, int64_t nrows, T* buf) const {
+    constexpr int L = kLanes64<T>, NV = kDwVectors<PB>;
+    const int64_t vectors = positions / L;
+    for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
+      int64_t j[NV];
+      const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
+      for (int v = 0; v < nv; ++v) j[v] = (v0 + v) * L;
+      dw_vectors<PB>(buf, init, src, wr, nrows, cols.row, j, nv);
+    }
+    for (int64_t i = 0; i < OH; ++i) copy_values(out + i * OW, buf + i * ld, OW);
+  }
+};
+
 // x[n, k, i, :] = b[k] + Σ_m Σ_q w[k, m, q] · o[n, c, i·sh + m·dh − pt, · ], split over planes.
 template <typename T>
 void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
   const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
+  if (finite_w && s.OW < kLanes64<T> && s.sh == s.sw) {  // narrow planes: frames
+    const DwFrame f(s.OH, s.OW, s.KH, s.KW, s.sw, s.dh, s.dw, s.pt, s.pl, 1, 1, kLanes64<T>, false);
+    at::parallel_for(0, s.N * s.C, grain_for(Kg * f.positions * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+      std::vector<T> frame(f.size), buf(f.positions);
+      std::vector<const T*> src(s.KH), wr(s.KH);
+      for (int64_t m = 0; m < s.KH; ++m) src[m] = frame.data() + m * s.dh * f.ld;
+      run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+        constexpr int PB = decltype(isa)::vector_bytes;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = p / s.C, c = p % s.C;
+          f.fill(in + p * s.in_plane(), s.H, s.W, frame.data());
+          for (int64_t kk = 0; kk < Kg; ++kk) {
+            const int64_t k = c * Kg + kk;
+            for (int64_t m = 0; m < s.KH; ++m) wr[m] = w + (k * s.KH + m) * s.KW;
+            f.run<PB>(out + (n * s.K + k) * P, b ? b[k] : T(0), src.data(), wr.data(), s.KH, buf.data());
+          }
+        }
+      });
+    });
+    return;
+  }
   // Rows with edge columns read a zero-padded copy of the plane (its terms w · 0 are 0 for a finite
   // weight).
   const bool padded = finite_w && padding_pays<T>(cols.row);
@@ -814,8 +889,38 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
     lead = std::max(lead, ph.row.lead);
     reach = std::max(reach, ph.row.width - ph.row.lead);
   }
+  const bool finite_w = padded;
   padded = padded && pays;
   const int64_t ld = padded ? lead + reach : s.OW;  // the source rows' distance
+  // Narrow planes: frames of the Kg planes of δ, read as a stride-1 forward with the window turned
+  // around. Output (h, v) takes w[m, q] · δ[i, j] where i·sh + m·dh − pt = h and j·sw + q·dw − pl = v:
+  // δ[i, j] goes to frame row top + i·sh, column left + j·sw (zeros between, at a stride), with
+  // top = (KH − 1)·dh − pt and left = (KW − 1)·dw − pl, and tap (m', q') of the frame window
+  // carries weight (KH − 1 − m', KW − 1 − q').
+  const int64_t top = (s.KH - 1) * s.dh - s.pt, left = (s.KW - 1) * s.dw - s.pl;
+  if (finite_w && s.W < kLanes64<T> && top >= 0 && left >= 0) {
+    const DwFrame f(s.H, s.W, s.KH, s.KW, 1, s.dh, s.dw, top, left, s.sh, s.sw, kLanes64<T>, true);
+    at::parallel_for(0, s.N * s.C, grain_for(Kg * f.positions * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
+      std::vector<T> frames(Kg * f.size), buf(f.positions);
+      std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
+      run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
+        constexpr int PB = decltype(isa)::vector_bytes;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = p / s.C, c = p % s.C;
+          for (int64_t kk = 0; kk < Kg; ++kk) {
+            const int64_t k = c * Kg + kk;
+            f.fill(d + (n * s.K + k) * P, s.OH, s.OW, frames.data() + kk * f.size);
+            for (int64_t t = 0; t < s.KH; ++t) {
+              src[kk * s.KH + t] = frames.data() + kk * f.size + t * s.dh * f.ld;
+              wr[kk * s.KH + t] = w + (k * s.KH + s.KH - 1 - t) * s.KW;
+            }
+          }
+          f.run<PB>(gin + p * s.in_plane(), T(0), src.data(), wr.data(), Kg * s.KH, buf.data());
+        }
+      });
+    });
+    return;
+  }
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows

@@ -703,6 +703,37 @@ def test_depthwise_narrow_rows(dtype):
             run_conv_case((2, 3, 6, W), (3 * mult, 1, k, k), bias, dict(groups=3, **kw), dtype, msg=f"{name}, W={W}")
 
 
+# Planes whose rows are narrower than a vector (16 float / 8 double outputs) run as frames: the
+# forward where the row and column strides are equal, δ_in at any stride (δ spread out by it, the
+# window turned around), with the channel multiplier's planes summed in one pass; padding wider than
+# (kernel − 1)·dilation keeps δ_in on the rows' path. Heights 1 … 9, widths around the vector.
+DEPTHWISE_FRAME_CASES = [
+    ("k3_s1_p1", 1, (3, 3), dict(padding=1)),
+    ("mult2_k3_s2_p1", 2, (3, 3), dict(stride=2, padding=1)),
+    ("k3_s21_p12", 1, (3, 3), dict(stride=(2, 1), padding=(1, 2))),
+    ("mult3_k3_s3_p2_d2", 3, (3, 3), dict(stride=3, padding=2, dilation=2)),
+    ("k25_s2_valid", 1, (2, 5), dict(stride=2)),
+    ("k3_p3_wider_than_window", 1, (3, 3), dict(padding=3)),
+    ("k5_s1_p2", 1, (5, 5), dict(padding=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("case", DEPTHWISE_FRAME_CASES, ids=lambda c: c[0])
+def test_depthwise_narrow_planes_frames(case, dtype):
+    name, mult, (kh, kw_), kw = case
+    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    for H in (1, 2, 5, 9):
+        for W in (1, 2, 5, 7, lanes - 1, lanes, lanes + 3, 2 * lanes - 1):
+            pad = kw.get("padding", 0)
+            ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
+            dil = kw.get("dilation", 1)
+            if H + 2 * ph < dil * (kh - 1) + 1 or W + 2 * pw < dil * (kw_ - 1) + 1:
+                continue
+            run_conv_case((2, 3, H, W), (3 * mult, 1, kh, kw_), True, dict(groups=3, **kw), dtype,
+                          threads=2, msg=f"{name}, H={H}, W={W}")
+
+
 # Column strides and dilations whose stride phases take different tap sets in δ_in: gcd(sw, dw) = 1
 # (every phase one tap of three) and > 1 (phases with no tap at all: their inputs get no gradient).
 @pytest.mark.parametrize("stride, dilation, padding", [(2, 1, 1), (3, 2, 2), (2, 2, 2), (4, 2, 0), ((1, 3), (2, 1), (2, 1))],

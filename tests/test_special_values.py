@@ -260,6 +260,28 @@ def test_depthwise_nonfinite_weight_over_padding_is_ieee(dtype, kw, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=1, stride=2)], ids=str)
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_depthwise_narrow_planes_nonfinite(dtype, kw, value):
+    """Planes narrower than a vector (the frames: their zeros, and the positions past a row's end
+    that are computed and dropped): a non-finite input and a non-finite upstream gradient, inside
+    and on the border, reach exactly the outputs and gradients they reach natively."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 7, 7, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(6, generator=g, dtype=torch.float64).to(dtype)
+    x[0, 1, 3, 4], x[1, 2, 0, 6], x[1, 0, 6, 0] = value, value, -value
+    kw = dict(groups=3, **kw)
+    out_shape = F.conv2d(x.float(), w.float(), groups=3, **{k: v for k, v in kw.items() if k != "groups"}).shape
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    grad[0, 1, 0, -1], grad[1, 4, -1, 0], grad[0, 3, 1, 1] = value, -value, value
+    for gout, what in ((None, "input"), (grad, "grad_output")):
+        xs = x if gout is None else x.nan_to_num(0.0, 0.0, 0.0)
+        compare(lambda x, w, b: torch_cnnbp.conv2d(x, w, b, **kw), lambda x, w, b: native_conv2d_ieee(x, w, b, **kw),
+                [xs, w, b], dtype, f"depthwise narrow planes, {what} {value}, {kw}, {dtype}", grad_output=gout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", DW_KWARGS, ids=str)
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 def test_depthwise_nonfinite_grad_output(dtype, kw, value):
