@@ -1430,9 +1430,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
   // With 16 to 128 output channels per group they make each group's ∂E/∂W transposed, rows × Kg
   // (col · δᵀ rather than δ · colᵀ: ATen's BLAS ran that 10-50% faster at Kg 16-128 and as fast at
   // 256, one thread, 150-1152 rows over 800-3136 columns; a 32-group layer, Kg 4, took 1.6x the
-  // time), turned around while the partials are summed (sum_transposed).
+  // time), turned around while the partials are summed (sum_transposed). Only with two chunks or
+  // more: the sum then needs a result of its own, a weight's size, which with one chunk (a layer at
+  // batch 1) would be new memory (128→128 3×3 at 28×28, batch 1: peak 1.27× native's, 1.07× without).
   at::Tensor partial = want_w ? at::empty({plan.chunks, s.K, s.col_rows()}, input.options()) : at::Tensor();
-  const bool transposed = s.Cg() > 1 && s.Kg() >= 16 && s.Kg() <= 128;
+  const bool transposed = s.Cg() > 1 && s.Kg() >= 16 && s.Kg() <= 128 && plan.chunks > 1;
   if (want_w && !(runs && s.Cg() > 1)) partial.zero_();
 
   if (runs) {
