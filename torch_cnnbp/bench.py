@@ -211,12 +211,14 @@ def suite() -> List[Case]:
 
 def extra_suite() -> List[Case]:
     """Other layers of the same families, at sizes the main suite does not have (odd channel counts
-    and image sizes, 5x5 and grouped convs, a larger dilation, pools over odd planes): a check that
-    the ratios do not hold only for the main suite's shapes."""
+    and image sizes, 5x5 and grouped convs, a larger dilation, MobileNet's last depthwise layers on
+    7x7 planes, pools over odd planes): a check that the ratios do not hold only for the main
+    suite's shapes."""
     cases = [
         _conv("other.5x5", 32, 1, 6, 28, 5, padding=2, bias=True),
         _conv("other.5x5", 16, 6, 16, 14, 5, bias=True),
         _conv("other.5x5", 4, 64, 64, 27, 5, padding=2),
+        _conv("other.5x5", 16, 16, 32, 24, 5),
         _conv("other.stem", 4, 3, 32, 160, 7, stride=2, padding=3),
         _conv("other.stem", 2, 3, 32, 224, 3, stride=2, padding=1),
         _conv("other.3x3", 4, 96, 96, 35, 3, padding=1),
@@ -224,12 +226,15 @@ def extra_suite() -> List[Case]:
         _conv("other.3x3", 1, 48, 64, 71, 3, padding=1),
         _conv("other.3x3", 8, 128, 256, 28, 3, stride=2, padding=1),
         _conv("other.3x3", 16, 320, 320, 9, 3, padding=1),
+        _conv("other.3x3", 16, 128, 128, 8, 3, padding=1),
         _conv("other.1x1", 4, 512, 128, 28, 1),
         _conv("other.1x1", 2, 96, 24, 57, 1, bias=True),
         _conv("other.1x1", 8, 256, 512, 28, 1, stride=2),
         _conv("other.dw", 4, 96, 96, 75, 3, padding=1, groups=96),
         _conv("other.dw", 2, 144, 144, 56, 3, stride=2, padding=1, groups=144),
         _conv("other.dw", 8, 240, 240, 14, 5, padding=2, groups=240),
+        _conv("other.dw", 4, 1024, 1024, 7, 3, padding=1, groups=1024),
+        _conv("other.dw", 8, 512, 512, 14, 3, stride=2, padding=1, groups=512),
         _conv("other.grouped", 4, 128, 128, 28, 3, padding=1, groups=4),
         _conv("other.dilated", 2, 64, 64, 45, 3, padding=3, dilation=3),
         _conv("other.dilated", 16, 256, 256, 14, 3, padding=2, dilation=2),
