@@ -753,8 +753,9 @@ struct DwFrame {
   DwColumns cols;      // the taps: column q·dw, weight column wq[q], step s (for dw_vectors)
   DwFrame(int64_t OH_, int64_t OW_, int64_t KH, int64_t KW, int64_t step, int64_t dh, int64_t dw, int64_t top_,
           int64_t left_, int64_t spread_h_, int64_t spread_w_, int64_t lanes, bool flipped)
-      : ld((OW_ - 1) * step + (KW - 1) * dw + 1), rows((OH_ - 1) * step + (KH - 1) * dh + 1), top(top_), left(left_),
-        spread_h(spread_h_), spread_w(spread_w_), OH(OH_), OW(OW_), positions(((OH_ - 1) * ld + OW_ + lanes - 1) / lanes * lanes),
+      : ld((OW_ - 1) * step + (KW - 1) * dw + 1), rows((OH_ - 1) * step + (KH - 1) * dh + 1),
+        top(top_), left(left_), spread_h(spread_h_), spread_w(spread_w_), OH(OH_), OW(OW_),
+        positions(((OH_ - 1) * ld + OW_ + lanes - 1) / lanes * lanes),
         size(std::max(rows * ld, (positions - 1) * step + (KH - 1) * dh * ld + (KW - 1) * dw + 1)),
         cols(positions, size, step, KW, 0, dw, flipped ? KW - 1 : 0, flipped ? -1 : 1) {}
   // Source plane (H × W values) into the frame at `frame`: value (h, v) at frame row

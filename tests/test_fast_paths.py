@@ -825,6 +825,17 @@ def run_pool_case(x, kw, threads=None, msg=""):
     return out, indices
 
 
+def assert_pool_exactly_as_native(x, kw, msg, ours_input=None):
+    """Ours (on ours_input: x in another layout, if given) against native on x: the indices equal,
+    NaN in the same places, every other value bitwise. Returns native's output."""
+    ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+    ours, idx = torch_cnnbp.max_pool2d(x if ours_input is None else ours_input, return_indices=True, **kw)
+    assert torch.equal(idx, ref_idx), msg
+    assert torch.equal(ours.isnan(), ref.isnan()), msg
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+    return ref
+
+
 @pytest.mark.parametrize("kw", POOL_CASES, ids=kw_id)
 def test_max_pool2d_nchw_every_output_width(kw):
     """Every output width 1..40 (the odd ones leave a tail after the vector loop), NCHW, float64."""
@@ -871,12 +882,7 @@ def test_max_pool2d_nchw_blocks_ties_inf_nan(kw, dtype, with_nan):
     widths = [W for W in pool_widths(kw, most=34) if pooled_width(W, kw) in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33)]
     for W in widths:
         x = pool[torch.randint(len(pool), (2, 3, 7, W), generator=g)].to(dtype)
-        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
-        ours, idx = torch_cnnbp.max_pool2d(x, return_indices=True, **kw)
-        msg = f"{kw_id(kw)}, W={W}"
-        assert torch.equal(idx, ref_idx), msg
-        assert torch.equal(ours.isnan(), ref.isnan()), msg
-        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+        assert_pool_exactly_as_native(x, kw, f"{kw_id(kw)}, W={W}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -1016,13 +1022,9 @@ def test_max_pool2d_2x2_ceil_ties_inf_nan(size, dtype, layout):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     for C in (3, 16, 17, 35, 64):
         x = pool[torch.randint(len(pool), (2, C, *size), generator=g)].to(dtype)
-        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
-        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=fmt), return_indices=True, **kw)
         msg = f"{size}, C={C}"
+        ref = assert_pool_exactly_as_native(x, kw, msg, ours_input=x.contiguous(memory_format=fmt))
         assert ref.shape[2:] == tuple((d + 1) // 2 for d in size), msg  # the partial windows are there
-        assert torch.equal(idx, ref_idx), msg
-        assert torch.equal(ours.isnan(), ref.isnan()), msg
-        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
 
 
 @pytest.mark.parametrize("threads", (1, 2, 3))
@@ -1065,12 +1067,7 @@ def test_max_pool2d_nchw_buffer_kept_between_planes(kw, dtype, threads):
         x[1, 2, 0, W - 1] = x[2, 5, 8, 0] = x[2, 6, 4, W // 2] = math.nan
         x[1, 4] = -math.inf
         x[2, 0, :, 0] = -math.inf
-        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
-        ours, idx = torch_cnnbp.max_pool2d(x, return_indices=True, **kw)
-        msg = f"{kw_id(kw)}, {tuple(x.shape)}, {dtype}, {threads} threads"
-        assert torch.equal(idx, ref_idx), msg
-        assert torch.equal(ours.isnan(), ref.isnan()), msg
-        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+        assert_pool_exactly_as_native(x, kw, f"{kw_id(kw)}, {tuple(x.shape)}, {dtype}, {threads} threads")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -1086,12 +1083,8 @@ def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
     for C in (3, 8, 9, 16, 17, 24, 32, 35, 48, 56, 65):
         x = pool[torch.randint(len(pool), (2, C, 9, 11), generator=g)].to(dtype)
-        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
-        ours, idx = torch_cnnbp.max_pool2d(x.contiguous(memory_format=torch.channels_last), return_indices=True, **kw)
-        msg = f"{kw_id(kw)}, C={C}"
-        assert torch.equal(idx, ref_idx), msg
-        assert torch.equal(ours.isnan(), ref.isnan()), msg
-        assert torch.equal(ours.nan_to_num(), ref.nan_to_num()), msg
+        assert_pool_exactly_as_native(x, kw, f"{kw_id(kw)}, C={C}",
+                                      ours_input=x.contiguous(memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize("kw", CL_CASES, ids=kw_id)
