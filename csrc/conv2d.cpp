@@ -793,7 +793,6 @@ struct DwFrame {
 template <typename T>
 void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
-  const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
   if (finite_w && s.OW < kLanes64<T> && s.sh == s.sw) {  // narrow planes: frames
     const DwFrame f(s.OH, s.OW, s.KH, s.KW, s.sw, s.dh, s.dw, s.pt, s.pl, 1, 1, kLanes64<T>, false);
@@ -816,6 +815,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
     });
     return;
   }
+  const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   // Rows with edge columns read a zero-padded copy of the plane (its terms w · 0 are 0 for a finite
   // weight).
   const bool padded = finite_w && padding_pays<T>(cols.row);
@@ -871,28 +871,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
 template <typename T>
 void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   const int64_t Kg = s.Kg(), P = s.out_plane();
-  const int64_t g = std::gcd(s.sw, s.dw);
-  std::vector<DwColumns> phases;
-  for (int64_t r = 0; r < std::min(s.sw, s.W); ++r) {
-    int64_t q0 = 0;
-    while (q0 < s.KW && (r + s.pl - q0 * s.dw) % s.sw != 0) ++q0;
-    const int64_t taps = q0 < s.KW ? (s.KW - 1 - q0) / (s.sw / g) + 1 : 0;
-    const int64_t len = (s.W - r + s.sw - 1) / s.sw;
-    phases.emplace_back(len, s.OW, 1, taps, q0 < s.KW ? (r + s.pl - q0 * s.dw) / s.sw : 0, -(s.dw / g), q0, s.sw / g);
-  }
-  // Rows with edge columns read zero-padded copies of the Kg planes of δ (their terms w · 0 are 0
-  // for a finite weight), with room for every phase: the largest lead, and the largest reach past it.
-  bool padded = all_finite(w, s.K * s.KH * s.KW);
-  bool pays = false;
-  int64_t lead = 0, reach = 0;
-  for (const DwColumns& ph : phases) {
-    pays |= padding_pays<T>(ph.row);
-    lead = std::max(lead, ph.row.lead);
-    reach = std::max(reach, ph.row.width - ph.row.lead);
-  }
-  const bool finite_w = padded;
-  padded = padded && pays;
-  const int64_t ld = padded ? lead + reach : s.OW;  // the source rows' distance
+  const bool finite_w = all_finite(w, s.K * s.KH * s.KW);
   // Narrow planes: frames of the Kg planes of δ, read as a stride-1 forward with the window turned
   // around. Output (h, v) takes w[m, q] · δ[i, j] where i·sh + m·dh − pt = h and j·sw + q·dw − pl = v:
   // δ[i, j] goes to frame row top + i·sh, column left + j·sw (zeros between, at a stride), with
@@ -922,6 +901,26 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
     });
     return;
   }
+  const int64_t g = std::gcd(s.sw, s.dw);
+  std::vector<DwColumns> phases;
+  for (int64_t r = 0; r < std::min(s.sw, s.W); ++r) {
+    int64_t q0 = 0;
+    while (q0 < s.KW && (r + s.pl - q0 * s.dw) % s.sw != 0) ++q0;
+    const int64_t taps = q0 < s.KW ? (s.KW - 1 - q0) / (s.sw / g) + 1 : 0;
+    const int64_t len = (s.W - r + s.sw - 1) / s.sw;
+    phases.emplace_back(len, s.OW, 1, taps, q0 < s.KW ? (r + s.pl - q0 * s.dw) / s.sw : 0, -(s.dw / g), q0, s.sw / g);
+  }
+  // Rows with edge columns read zero-padded copies of the Kg planes of δ (their terms w · 0 are 0
+  // for a finite weight), with room for every phase: the largest lead, and the largest reach past it.
+  bool pays = false;
+  int64_t lead = 0, reach = 0;
+  for (const DwColumns& ph : phases) {
+    pays |= padding_pays<T>(ph.row);
+    lead = std::max(lead, ph.row.lead);
+    reach = std::max(reach, ph.row.width - ph.row.lead);
+  }
+  const bool padded = finite_w && pays;
+  const int64_t ld = padded ? lead + reach : s.OW;  // the source rows' distance
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(Kg * s.KH), wr(Kg * s.KH);
     std::vector<T> row(s.sw > 1 ? phases.size() * phases[0].row.len : 0);  // the phases' rows
