@@ -89,6 +89,34 @@ inline void copy_values(T* __restrict__ dst_, const T* __restrict__ src_, int64_
   }
 }
 
+// dst[0, n) = 0, inline, in the same pieces as copy_values (short runs of zeros, a padded row's
+// edge columns, would otherwise each be a call to memset).
+template <int kBytes>
+inline void zero_piece(char* dst) {
+  char piece[kBytes] = {};
+  std::memcpy(dst, piece, kBytes);
+}
+template <typename T>
+inline void zero_values(T* dst_, int64_t n) {
+  char* dst = reinterpret_cast<char*>(dst_);
+  const int64_t bytes = n * int64_t(sizeof(T));
+  if (bytes >= 64) {
+    int64_t b = 0;
+    for (; b + 64 <= bytes; b += 64) zero_piece<64>(dst + b);
+    if (b < bytes) zero_piece<64>(dst + bytes - 64);
+  } else if (bytes >= 32) {
+    zero_piece<32>(dst), zero_piece<32>(dst + bytes - 32);
+  } else if (bytes >= 16) {
+    zero_piece<16>(dst), zero_piece<16>(dst + bytes - 16);
+  } else if (bytes >= 8) {
+    zero_piece<8>(dst), zero_piece<8>(dst + bytes - 8);
+  } else if (bytes >= 4) {
+    zero_piece<4>(dst), zero_piece<4>(dst + bytes - 4);
+  } else {
+    for (int64_t b = 0; b < bytes; ++b) dst[b] = 0;
+  }
+}
+
 // Grain size for at::parallel_for over items of about `work` elementary steps each: ranges with
 // less than ~32K steps in total run on the calling thread (waking threads costs more).
 inline int64_t grain_for(int64_t work) {

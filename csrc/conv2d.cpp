@@ -189,14 +189,15 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
       // (the copy read the neighbouring row's values there).
       const T* src = plane + (m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
       const ContiguousRun run = contiguous_run(ri, rj, OW, p0, p1);
-      for (int64_t p = p0; p < run.v0; ++p) row[p] = T(0);
-      for (int64_t p = run.v1; p < p1; ++p) row[p] = T(0);
+      zero_values(row + p0, run.v0 - p0);
+      zero_values(row + run.v1, p1 - run.v1);
       if (run.v0 == run.v1) continue;
-      for (int64_t p = run.b0; p < run.b1; ++p) row[p] = src[p];
+      copy_values(row + run.b0, src + run.b0, run.b1 - run.b0);
       for (int64_t i = run.first; i <= run.last; ++i) {
-        for (int64_t p = std::max(run.v0, i * OW), e = std::min(run.v1, i * OW + rj.lo); p < e; ++p) row[p] = T(0);
-        for (int64_t p = std::max(run.v0, i * OW + rj.hi), e = std::min(run.v1, (i + 1) * OW); p < e; ++p)
-          row[p] = T(0);
+        const int64_t a = std::max(run.v0, i * OW), e = std::min(run.v1, i * OW + rj.lo);
+        if (a < e) zero_values(row + a, e - a);
+        const int64_t a2 = std::max(run.v0, i * OW + rj.hi), e2 = std::min(run.v1, (i + 1) * OW);
+        if (a2 < e2) zero_values(row + a2, e2 - a2);
       }
       continue;
     }
@@ -204,20 +205,20 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
       const int64_t a = std::max(p0 - i * OW, int64_t(0)), b = std::min(p1 - i * OW, OW);  // j in [a, b)
       T* dst = row + i * OW;
       if (i < ri.lo || i >= ri.hi) {
-        std::fill(dst + a, dst + b, T(0));
+        zero_values(dst + a, b - a);
         continue;
       }
       const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
       const int64_t lo = std::min(std::max(a, rj.lo), b), hi = std::max(std::min(b, rj.hi), lo);
       // plain loops rather than std::fill / std::copy: output rows are often short (LeNet: 10),
       // where a library call costs more than the copy
-      for (int64_t j = a; j < lo; ++j) dst[j] = T(0);
+      zero_values(dst + a, lo - a);
       if (s.sw == 1) {
-        for (int64_t j = lo; j < hi; ++j) dst[j] = src[j];
+        copy_values(dst + lo, src + lo, hi - lo);
       } else {
         for (int64_t j = lo; j < hi; ++j) dst[j] = src[j * s.sw];
       }
-      for (int64_t j = hi; j < b; ++j) dst[j] = T(0);
+      zero_values(dst + hi, b - hi);
     }
   }
   });
