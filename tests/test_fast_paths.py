@@ -1070,6 +1070,28 @@ def test_max_pool2d_nchw_buffer_kept_between_planes(kw, dtype, threads):
         assert_pool_exactly_as_native(x, kw, f"{kw_id(kw)}, {tuple(x.shape)}, {dtype}, {threads} threads")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool2d_2x2_narrow_rows_gathered(ceil_mode, dtype, threads):
+    """NCHW 2x2 stride 2 with output rows narrower than two 64-byte vectors (on AVX-512, float and
+    double: 16 or 8 consecutive outputs of a plane per vector, rows joined, their taps gathered; the
+    last vector of a plane masked): every output width 1-33 over heights 1-6, odd and even input
+    sizes (the odd last row or column outside every window; in ceil mode those planes take the row
+    kernel), values from a small set (ties, ±inf, all −inf windows, NaN): values and indices exactly
+    as native's. bfloat16 takes the row kernel throughout."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(31)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
+    for OH in range(1, 7):
+        for OW in range(1, 34):
+            H, W = 2 * OH + (OW % 2), 2 * OW + (OH % 3 == 0)
+            x = pool[torch.randint(len(pool), (3, 5, H, W), generator=g)].to(dtype)
+            x[1, 2] = -math.inf
+            assert_pool_exactly_as_native(x, dict(kernel_size=2, stride=2, ceil_mode=ceil_mode),
+                                          f"{tuple(x.shape)}, ceil_mode={ceil_mode}, {dtype}, {threads} threads")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
