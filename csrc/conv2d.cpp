@@ -210,8 +210,9 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
       }
       const T* src = plane + (i * s.sh + m * s.dh - s.pt) * s.W + (q * s.dw - s.pl);
       const int64_t lo = std::min(std::max(a, rj.lo), b), hi = std::max(std::min(b, rj.hi), lo);
-      // plain loops rather than std::fill / std::copy: output rows are often short (LeNet: 10),
-      // where a library call costs more than the copy
+      // inline pieces rather than std::fill / std::copy (or plain loops, which GCC turns into the
+      // same memset / memmove calls): output rows are often short (LeNet: 10), where a library
+      // call costs more than the copy
       zero_values(dst + a, lo - a);
       if (s.sw == 1) {
         copy_values(dst + lo, src + lo, hi - lo);
