@@ -193,12 +193,18 @@ void im2col_rows(const T* in, T* col, int64_t ld, const ConvShape& s, int64_t p0
       zero_values(row + run.v1, p1 - run.v1);
       if (run.v0 == run.v1) continue;
       copy_values(row + run.b0, src + run.b0, run.b1 - run.b0);
-      for (int64_t i = run.first; i <= run.last; ++i) {
-        const int64_t a = std::max(run.v0, i * OW), e = std::min(run.v1, i * OW + rj.lo);
-        if (a < e) zero_values(row + a, e - a);
-        const int64_t a2 = std::max(run.v0, i * OW + rj.hi), e2 = std::min(run.v1, (i + 1) * OW);
-        if (a2 < e2) zero_values(row + a2, e2 - a2);
-      }
+      // The columns in the padding: the end of each valid row from rj.hi and the start of the next
+      // up to rj.lo are one run; then the first row's start and the last row's end.
+      const int64_t lo = rj.lo, hi = rj.hi, between = OW - hi + lo;
+      if (between > 0)
+        for (int64_t i = run.first; i < run.last; ++i) {
+          const int64_t a = std::max(run.v0, i * OW + hi), e = std::min(run.v1, (i + 1) * OW + lo);
+          if (a < e) zero_values(row + a, e - a);
+        }
+      const int64_t a = std::max(run.v0, run.first * OW), e = std::min(run.v1, run.first * OW + lo);
+      if (a < e) zero_values(row + a, e - a);
+      const int64_t a2 = std::max(run.v0, run.last * OW + hi), e2 = std::min(run.v1, (run.last + 1) * OW);
+      if (a2 < e2) zero_values(row + a2, e2 - a2);
       continue;
     }
     for (int64_t i = p0 / OW; i * OW < p1; ++i) {
