@@ -254,6 +254,138 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
   }
 }
 
+// ---- X · Y with a thin Y, X read in place (∂E/∂W = δ · colᵀ as col · δᵀ) ------------------------
+// ∂E/∂W's products use each value of the unrolled input (col) only Kg times. Packed into panels as
+// the blocked path packs its operands (a transposition, value by value) col took about as long to
+// pack as the products took (Kg = 32). Here neither operand is packed: X (col, M × K) is read where
+// it is, a tile of MR rows broadcasting X[r][k] from its rows, and Y (δᵀ, K × N, N ≤ kThinMax) is
+// read a row of vectors per k, as the packed panels of B are. Panels of two vectors of columns,
+// then one of one vector; columns past the last whole vector are copied, zero-padded, into a panel
+// of one vector per k block. Z = X · Y over blocks of KT along k (each adds into the tile the one
+// before stored) goes to C as Z, or turned (C[j·ldc + i]: δ · colᵀ, ∂E/∂W in the weight's layout).
+constexpr int64_t KT = 512;  // k block: a tile's rows of X (12 × 512 floats, 24 KiB) stay in L1
+
+template <typename T, Isa I, int R, int NV>
+CNNBP_ALWAYS_INLINE void thin_kernel_body(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
+                                          int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
+  using VT = V<T, I>;
+  constexpr int L = Tile<T, I>::L;
+  typename VT::reg acc[R][NV];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = VT::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    typename VT::reg b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = VT::load(Y + k * ldy + v * L);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      const typename VT::reg a = VT::set1(X[r * ldx + k]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = VT::fma(a, b[v], acc[r][v]);
+    }
+  }
+  if (!turned && rows == R && cols == NV * L) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        T* at = C + r * ldc + v * L;
+        VT::store(at, accumulate ? VT::add(VT::load(at), acc[r][v]) : acc[r][v]);
+      }
+    return;
+  }
+  alignas(64) T tile[R * NV * L];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) VT::store(tile + (r * NV + v) * L, acc[r][v]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) {
+      T& c = turned ? C[j * ldc + r] : C[r * ldc + j];
+      c = (accumulate ? c : T(0)) + tile[r * NV * L + j];
+    }
+}
+
+// The kernels: tiles of MR rows × two vectors, and of 2·MR rows × one vector.
+template <typename T, int R, int NV>
+CNNBP_TARGET_AVX512 void thin_kernel_avx512(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
+                                            int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
+  thin_kernel_body<T, Isa::avx512, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
+}
+template <typename T, int R, int NV>
+CNNBP_TARGET_AVX2 void thin_kernel_avx2(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
+                                        int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
+  thin_kernel_body<T, Isa::avx2, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
+}
+template <typename T, Isa I, int NV>
+void thin_kernel(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C, int64_t ldc, int64_t rows,
+                 int64_t cols, bool turned, bool accumulate) {
+  constexpr int R = Tile<T, I>::MR * (3 - NV);
+  if constexpr (I == Isa::avx512)
+    thin_kernel_avx512<T, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
+  else
+    thin_kernel_avx2<T, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
+}
+
+// Rows [m0, m1) of Z, in groups of 2·MR rows: for each group, every column panel in turn, while the
+// group's rows of X are in cache. A group of fewer rows is copied, zero-padded, into a buffer first,
+// so that no kernel reads past X's last row.
+template <typename T, Isa I>
+void thin_rows(int64_t m0, int64_t m1, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Y, int64_t ldy,
+               bool accumulate, T* C, int64_t ldc, bool turned) {
+  constexpr int MR = Tile<T, I>::MR, L = Tile<T, I>::L, G = 2 * MR;
+  const int64_t kt_max = std::min(KT, K);
+  const int64_t pairs = N / (2 * L), single = N % (2 * L) >= L, tail = N % L;  // panels of each width
+  const int64_t tail_at = N - tail;
+  AlignedBuffer<T> tail_panel(tail ? L * kt_max : 0);
+  AlignedBuffer<T> edge(G * kt_max);
+  for (int64_t k0 = 0; k0 < K; k0 += KT) {
+    const int64_t kc = std::min(KT, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    const T* y = Y + k0 * ldy;
+    if (tail) {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = 0; j < L; ++j) tail_panel.data()[k * L + j] = j < tail ? y[k * ldy + tail_at + j] : T(0);
+    }
+    for (int64_t i = m0; i < m1; i += G) {
+      const int64_t rows = std::min<int64_t>(G, m1 - i);
+      const T* x = X + i * ldx + k0;
+      int64_t ld = ldx;
+      if (rows < G) {
+        for (int64_t r = 0; r < G; ++r)
+          for (int64_t k = 0; k < kc; ++k) edge.data()[r * kc + k] = r < rows ? x[r * ldx + k] : T(0);
+        x = edge.data(), ld = kc;
+      }
+      auto out = [&](int64_t r, int64_t j) { return turned ? C + j * ldc + i + r : C + (i + r) * ldc + j; };
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t j = p * 2 * L;
+        for (int64_t h = 0; h < G; h += MR)
+          if (h < rows)
+            thin_kernel<T, I, 2>(kc, x + h * ld, ld, y + j, ldy, out(h, j), ldc, std::min<int64_t>(MR, rows - h),
+                                 2 * L, turned, acc);
+      }
+      if (single) {
+        const int64_t j = pairs * 2 * L;
+        thin_kernel<T, I, 1>(kc, x, ld, y + j, ldy, out(0, j), ldc, rows, L, turned, acc);
+      }
+      if (tail) thin_kernel<T, I, 1>(kc, x, ld, tail_panel.data(), L, out(0, tail_at), ldc, rows, tail, turned, acc);
+    }
+  }
+}
+
+template <typename T, Isa I>
+void gemm_thin_blocked(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Y, int64_t ldy,
+                       bool accumulate, T* C, int64_t ldc, bool turned) {
+  constexpr int G = 2 * Tile<T, I>::MR;
+  const int64_t groups = (M + G - 1) / G;
+  // Split over groups of rows of Z: each thread writes its own rows of C (columns, turned).
+  at::parallel_for(0, groups, grain_for(G * N * K / 8), [&](int64_t t0, int64_t t1) {
+    thin_rows<T, I>(t0 * G, std::min(M, t1 * G), N, K, X, ldx, Y, ldy, accumulate, C, ldc, turned);
+  });
+}
+
 template <typename T, Isa I>
 void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                   int64_t ldb, bool accumulate, T* C, int64_t ldc) {
@@ -310,6 +442,38 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 #endif
   gemm_aten(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
+
+bool thin_products() {
+#ifdef CNNBP_X86
+  return own_gemm_selected();
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void gemm_thin(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Y, int64_t ldy, bool accumulate,
+               T* C, int64_t ldc, bool turned) {
+  TORCH_CHECK(thin_products() && N <= kThinMax, "cnnbp: gemm_thin needs the own backend and N <= ", kThinMax);
+  if (M == 0 || N == 0) return;
+#ifdef CNNBP_X86
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) (turned ? C[j * ldc + i] : C[i * ldc + j]) = T(0);
+    return;
+  }
+  if (active_isa() == Isa::avx512)
+    gemm_thin_blocked<T, Isa::avx512>(M, N, K, X, ldx, Y, ldy, accumulate, C, ldc, turned);
+  else
+    gemm_thin_blocked<T, Isa::avx2>(M, N, K, X, ldx, Y, ldy, accumulate, C, ldc, turned);
+#endif
+}
+
+template void gemm_thin<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, bool, float*,
+                               int64_t, bool);
+template void gemm_thin<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, bool,
+                                double*, int64_t, bool);
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, bool,
                           float*, int64_t);

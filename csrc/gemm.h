@@ -27,4 +27,13 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, bool accumulate, T* C, int64_t ldc);
 
+// Z = X · Y for ∂E/∂W (col · δᵀ) with both operands read in place: X is M×K (X[i·ldx + k]), Y is K×N
+// (Y[k·ldy + j]) with N ≤ kThinMax. Into C as Z (C[i·ldc + j]), or turned (C[j·ldc + i]); accumulate
+// adds to C. Only with the own backend (thin_products()); split over rows of Z like gemm().
+constexpr int64_t kThinMax = 128;
+bool thin_products();
+template <typename T>
+void gemm_thin(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx, const T* Y, int64_t ldy, bool accumulate,
+               T* C, int64_t ldc, bool turned);
+
 }  // namespace cnnbp

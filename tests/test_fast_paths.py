@@ -299,6 +299,38 @@ def test_gemm_edges_every_dtype(name, dtype):
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=name)
 
 
+# ∂E/∂W's thin products (csrc/gemm.cpp: gemm_thin, with the own GEMM and Kg ≤ 128): col · δᵀ with
+# col read in place, δᵀ in panels of two vectors, then one, then a zero-padded tail, tiles of 12 or
+# 24 rows of col with a short last group, blocks of 512 along k (the columns, OH·OW·block). Stored
+# turned (∂E/∂W's own layout) where the batch is not chunked, else into the transposed partials.
+# (id, input shape, weight shape, kwargs, threads, chunks the backward's plan makes). Kg and rows
+# in the ids; float32 vectors hold 16, float64 8, so each Kg splits differently in each.
+THIN_CASES = [
+    ("Kg16_rows27_cols729", (1, 3, 29, 29), (16, 3, 3, 3), {}, 1, 1),
+    ("Kg48_rows63_cols528_shared", (1, 7, 24, 26), (48, 7, 3, 3), {}, 2, 1),
+    ("Kg40_rows45_cols483", (1, 5, 23, 25), (40, 5, 3, 3), {}, 2, 1),
+    ("Kg5_rows99_cols570", (1, 11, 17, 40), (5, 11, 3, 3), {}, 1, 1),
+    ("Kg128_rows36_cols525_shared", (1, 4, 27, 23), (128, 4, 3, 3), {}, 2, 1),
+    ("Kg129_rows36_cols256_blocked", (1, 4, 18, 18), (129, 4, 3, 3), {}, 2, 1),
+    ("Kg48_rows72_cols648_chunks", (4, 8, 20, 20), (48, 8, 3, 3), {}, 2, 2),
+    ("Kg40_rows45_cols968_chunks", (4, 5, 24, 24), (40, 5, 3, 3), {}, 2, 2),
+    ("Kg20_rows81_cols484_chunks", (5, 9, 24, 24), (20, 9, 3, 3), {}, 2, 2),
+    ("Kg16_rows27_cols576_chunks", (6, 3, 26, 26), (16, 3, 3, 3), {}, 2, 2),
+    ("groups2_Kg24_rows18_cols625_chunks", (4, 4, 25, 25), (48, 2, 3, 3), dict(groups=2), 2, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", THIN_CASES, ids=lambda c: c[0])
+def test_grad_weight_thin_products(case, dtype):
+    name, xs, ws, kw, threads, chunks = case
+    set_threads(threads)
+    groups = kw.get("groups", 1)
+    plan = torch.ops.cnnbp._conv2d_plan(list(xs), list(ws), [1, 1], [0, 0, 0, 0], [1, 1], groups, True)
+    assert plan[0] == chunks, (name, plan)
+    run_conv_case(xs, ws, False, kw, dtype, threads, msg=name)
+
+
 @pytest.mark.skipif(not own_gemm_active(), reason="the own GEMM does not run here (CNNBP_GEMM / CPU)")
 def test_own_gemm_is_what_runs_here():
     """On this machine the GEMM cases drive csrc/gemm.cpp, not ATen's BLAS: no aten::mm / addmm."""
@@ -1329,12 +1361,17 @@ def run_isa_subset():
     count = 0
     gemm = ("Kg13_rows33_cols33", "Kg12_rows256_cols32", "Kg11_rows257_cols55_1x1s2", "Kg257_rows153_cols51",
             "Kg13_rows27_cols1537_1thread", "Kg12_rows18_cols3100_2threads")
+    thin = ("Kg40_rows45_cols483", "Kg48_rows72_cols648_chunks", "Kg20_rows81_cols484_chunks")
     plan = (("out7x7_N13", 1), ("out7x7_N13", 2), ("out10x10_N13_blocks_6_6_1", 1), ("pointwise_direct_24x24_N3", 2),
             ("pointwise_16x16_N2", 2), ("pointwise_blocked_7x7_N5", 1), ("pointwise_stride2_pad1_N13", 2))
     for dtype in (torch.float32, torch.float64):
         for name in gemm:
             _, xs, ws, bias, kw, threads = next(c for c in GEMM_CASES if c[0] == name)
             run_conv_case(xs, ws, bias, kw, dtype, threads or 1, msg=name)
+            count += 1
+        for name in thin:
+            _, xs, ws, kw, threads, _ = next(c for c in THIN_CASES if c[0] == name)
+            run_conv_case(xs, ws, False, kw, dtype, threads, msg=name)
             count += 1
         for name, threads in plan:
             _, xs, ws, bias, kw = next(c for c in PLAN_CASES if c[0] == name)
