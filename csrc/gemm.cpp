@@ -150,59 +150,71 @@ CNNBP_VECTOR_OPS(float, Isa::avx2, CNNBP_TARGET_AVX2, __m256, _mm256, ps)
 CNNBP_VECTOR_OPS(double, Isa::avx2, CNNBP_TARGET_AVX2, __m256d, _mm256, pd)
 #undef CNNBP_VECTOR_OPS
 
-// C[MR×NR tile] (+)= Ap · Bp over kc steps. A full tile is read and written in place; an edge tile
-// (rows < MR or cols < NR) goes through a local buffer.
-template <typename T, Isa I>
-CNNBP_ALWAYS_INLINE void micro_kernel_body(int64_t kc, const T* Ap, const T* Bp, int64_t ldbp, T* C, int64_t ldc, int64_t rows,
-                                           int64_t cols, bool accumulate) {
+// C[R × NV·L tile] (+)= A · B over kc steps, the tile in registers. A: packed (PACKED: R values
+// per k, as pack_a makes them) or rows read in place (A[r·lda + k]); B: NV vectors per k, ldb apart.
+// A full tile is read and written in place; an edge tile (rows < R or cols < NV·L), or a turned
+// one (C[j·ldc + r], the tile's transpose), goes through a local buffer.
+template <typename T, Isa I, int R, int NV, bool PACKED>
+CNNBP_ALWAYS_INLINE void kernel_body(int64_t kc, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                     int64_t rows, int64_t cols, bool turned, bool accumulate) {
   using VT = V<T, I>;
-  constexpr int MR = Tile<T, I>::MR, NR = Tile<T, I>::NR, L = Tile<T, I>::L;
-  typename VT::reg c0[MR], c1[MR];
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = VT::zero();
+  constexpr int L = Tile<T, I>::L;
+  typename VT::reg acc[R][NV];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = VT::zero();
   for (int64_t k = 0; k < kc; ++k) {
-    const typename VT::reg b0 = VT::load(Bp + k * ldbp), b1 = VT::load(Bp + k * ldbp + L);
-    const T* a = Ap + k * MR;
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      const typename VT::reg av = VT::set1(a[r]);
-      c0[r] = VT::fma(av, b0, c0[r]);
-      c1[r] = VT::fma(av, b1, c1[r]);
+    typename VT::reg b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = VT::load(B + k * ldb + v * L);
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      const typename VT::reg a = VT::set1(PACKED ? A[k * R + r] : A[r * lda + k]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = VT::fma(a, b[v], acc[r][v]);
     }
   }
-  if (rows == MR && cols == NR) {
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      T* row = C + r * ldc;
-      if (accumulate) {
-        VT::store(row, VT::add(VT::load(row), c0[r]));
-        VT::store(row + L, VT::add(VT::load(row + L), c1[r]));
-      } else {
-        VT::store(row, c0[r]);
-        VT::store(row + L, c1[r]);
+  if (!turned && rows == R && cols == NV * L) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        T* at = C + r * ldc + v * L;
+        VT::store(at, accumulate ? VT::add(VT::load(at), acc[r][v]) : acc[r][v]);
       }
-    }
     return;
   }
-  alignas(64) T tile[MR * NR];
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    VT::store(tile + r * NR, c0[r]);
-    VT::store(tile + r * NR + L, c1[r]);
-  }
+  alignas(64) T tile[R * NV * L];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) VT::store(tile + (r * NV + v) * L, acc[r][v]);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : T(0)) + tile[r * NR + j];
+    for (int64_t j = 0; j < cols; ++j) {
+      T& c = turned ? C[j * ldc + r] : C[r * ldc + j];
+      c = (accumulate ? c : T(0)) + tile[r * NV * L + j];
+    }
 }
 
-template <typename T>
-CNNBP_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* Ap, const T* Bp, int64_t ldbp, T* C, int64_t ldc, int64_t rows,
-                                             int64_t cols, bool accumulate) {
-  micro_kernel_body<T, Isa::avx512>(kc, Ap, Bp, ldbp, C, ldc, rows, cols, accumulate);
+template <typename T, int R, int NV, bool PACKED>
+CNNBP_TARGET_AVX512 void kernel_avx512(int64_t kc, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                                       int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
+  kernel_body<T, Isa::avx512, R, NV, PACKED>(kc, A, lda, B, ldb, C, ldc, rows, cols, turned, accumulate);
 }
-template <typename T>
-CNNBP_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* Ap, const T* Bp, int64_t ldbp, T* C, int64_t ldc, int64_t rows,
-                                         int64_t cols, bool accumulate) {
-  micro_kernel_body<T, Isa::avx2>(kc, Ap, Bp, ldbp, C, ldc, rows, cols, accumulate);
+template <typename T, int R, int NV, bool PACKED>
+CNNBP_TARGET_AVX2 void kernel_avx2(int64_t kc, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                                   int64_t rows, int64_t cols, bool turned, bool accumulate) {
+  kernel_body<T, Isa::avx2, R, NV, PACKED>(kc, A, lda, B, ldb, C, ldc, rows, cols, turned, accumulate);
+}
+// The ISA's kernel for tiles of R rows × NV vectors.
+template <typename T, Isa I, int R, int NV, bool PACKED>
+void tile_kernel(int64_t kc, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t rows,
+                 int64_t cols, bool turned, bool accumulate) {
+  if constexpr (I == Isa::avx512)
+    kernel_avx512<T, R, NV, PACKED>(kc, A, lda, B, ldb, C, ldc, rows, cols, turned, accumulate);
+  else
+    kernel_avx2<T, R, NV, PACKED>(kc, A, lda, B, ldb, C, ldc, rows, cols, turned, accumulate);
 }
 
 // Packed panels start on cache lines, so that no vector load of a panel straddles two.
@@ -251,10 +263,7 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
             const T* ap = apack.data() + ip * kc;
             T* c = C + (i0 + ip) * ldc + j0 + jp;
             const int64_t rows = std::min<int64_t>(MR, mc - ip), cols = std::min<int64_t>(NR, nc - jp);
-            if constexpr (I == Isa::avx512)
-              micro_kernel_avx512<T>(kc, ap, bp, ldbp, c, ldc, rows, cols, acc);
-            else
-              micro_kernel_avx2<T>(kc, ap, bp, ldbp, c, ldc, rows, cols, acc);
+            tile_kernel<T, I, MR, 2, true>(kc, ap, 0, bp, ldbp, c, ldc, rows, cols, false, acc);
           }
         }
       }
@@ -266,76 +275,12 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
 // ∂E/∂W's products use each value of the unrolled input (col) only Kg times. Packed into panels as
 // the blocked path packs its operands (a transposition, value by value) col took about as long to
 // pack as the products took (Kg = 32). Here neither operand is packed: X (col, M × K) is read where
-// it is, a tile of MR rows broadcasting X[r][k] from its rows, and Y (δᵀ, K × N, N ≤ kThinMax) is
-// read a row of vectors per k, as the packed panels of B are. Panels of two vectors of columns,
-// then one of one vector; columns past the last whole vector are copied, zero-padded, into a panel
+// it is, a tile of rows broadcasting X[r][k] from its rows (kernel_body, not PACKED), and Y (δᵀ,
+// K × N, N ≤ kThinMax) is read a row of vectors per k, as the panels of B are. Panels of two
+// vectors of columns (tiles of MR rows), then one of one vector (2·MR rows); columns past the last whole vector are copied, zero-padded, into a panel
 // of one vector per k block. Z = X · Y over blocks of KT along k (each adds into the tile the one
 // before stored) goes to C as Z, or turned (C[j·ldc + i]: δ · colᵀ, ∂E/∂W in the weight's layout).
 constexpr int64_t KT = 512;  // k block: a tile's rows of X (12 × 512 floats, 24 KiB) stay in L1
-
-template <typename T, Isa I, int R, int NV>
-CNNBP_ALWAYS_INLINE void thin_kernel_body(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
-                                          int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
-  using VT = V<T, I>;
-  constexpr int L = Tile<T, I>::L;
-  typename VT::reg acc[R][NV];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = VT::zero();
-  for (int64_t k = 0; k < kc; ++k) {
-    typename VT::reg b[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) b[v] = VT::load(Y + k * ldy + v * L);
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r) {
-      const typename VT::reg a = VT::set1(X[r * ldx + k]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] = VT::fma(a, b[v], acc[r][v]);
-    }
-  }
-  if (!turned && rows == R && cols == NV * L) {
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) {
-        T* at = C + r * ldc + v * L;
-        VT::store(at, accumulate ? VT::add(VT::load(at), acc[r][v]) : acc[r][v]);
-      }
-    return;
-  }
-  alignas(64) T tile[R * NV * L];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) VT::store(tile + (r * NV + v) * L, acc[r][v]);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j) {
-      T& c = turned ? C[j * ldc + r] : C[r * ldc + j];
-      c = (accumulate ? c : T(0)) + tile[r * NV * L + j];
-    }
-}
-
-// The kernels: tiles of MR rows × two vectors, and of 2·MR rows × one vector.
-template <typename T, int R, int NV>
-CNNBP_TARGET_AVX512 void thin_kernel_avx512(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
-                                            int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
-  thin_kernel_body<T, Isa::avx512, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
-}
-template <typename T, int R, int NV>
-CNNBP_TARGET_AVX2 void thin_kernel_avx2(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C,
-                                        int64_t ldc, int64_t rows, int64_t cols, bool turned, bool accumulate) {
-  thin_kernel_body<T, Isa::avx2, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
-}
-template <typename T, Isa I, int NV>
-void thin_kernel(int64_t kc, const T* X, int64_t ldx, const T* Y, int64_t ldy, T* C, int64_t ldc, int64_t rows,
-                 int64_t cols, bool turned, bool accumulate) {
-  constexpr int R = Tile<T, I>::MR * (3 - NV);
-  if constexpr (I == Isa::avx512)
-    thin_kernel_avx512<T, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
-  else
-    thin_kernel_avx2<T, R, NV>(kc, X, ldx, Y, ldy, C, ldc, rows, cols, turned, accumulate);
-}
 
 // Rows [m0, m1) of Z, in groups of 2·MR rows: for each group, every column panel in turn, while the
 // group's rows of X are in cache. A group of fewer rows is copied, zero-padded, into a buffer first,
@@ -371,14 +316,14 @@ void thin_rows(int64_t m0, int64_t m1, int64_t N, int64_t K, const T* X, int64_t
         const int64_t j = p * 2 * L;
         for (int64_t h = 0; h < G; h += MR)
           if (h < rows)
-            thin_kernel<T, I, 2>(kc, x + h * ld, ld, y + j, ldy, out(h, j), ldc, std::min<int64_t>(MR, rows - h),
-                                 2 * L, turned, acc);
+            tile_kernel<T, I, MR, 2, false>(kc, x + h * ld, ld, y + j, ldy, out(h, j), ldc,
+                                           std::min<int64_t>(MR, rows - h), 2 * L, turned, acc);
       }
       if (single) {
         const int64_t j = pairs * 2 * L;
-        thin_kernel<T, I, 1>(kc, x, ld, y + j, ldy, out(0, j), ldc, rows, L, turned, acc);
+        tile_kernel<T, I, G, 1, false>(kc, x, ld, y + j, ldy, out(0, j), ldc, rows, L, turned, acc);
       }
-      if (tail) thin_kernel<T, I, 1>(kc, x, ld, tail_panel.data(), L, out(0, tail_at), ldc, rows, tail, turned, acc);
+      if (tail) tile_kernel<T, I, G, 1, false>(kc, x, ld, tail_panel.data(), L, out(0, tail_at), ldc, rows, tail, turned, acc);
     }
   }
 }
