@@ -95,7 +95,8 @@ void pack_a(bool trans, const T* A, int64_t lda, int64_t M, int64_t i0, int64_t 
 // Packs k [k0, k0 + kc) × columns [j0, j0 + nc) of op(B) as panels of NR columns (columns past N zero).
 // B itself is read along its rows: row k's NR-column pieces go to every panel in turn. (Panel after
 // panel, each read down 256 rows of B a row apart, which missed the cache on every row: packing
-// then took longer than the products for a 64×576×3136 product.)
+// then took longer than the products for a 64×576×3136 product.) Untransposed, only a last panel of
+// fewer than NR columns is packed: gemm_blocked_columns reads whole panels of B in place.
 template <typename T, Isa I>
 void pack_b(bool trans, const T* B, int64_t ldb, int64_t N, int64_t j0, int64_t nc, int64_t k0, int64_t kc, T* out) {
   constexpr int NR = Tile<T, I>::NR;
@@ -250,7 +251,8 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
     for (int64_t j0 = n0; j0 < n1; j0 += ncb) {
       const int64_t nc = std::min(ncb, n1 - j0);
       const int64_t whole = in_place ? nc / NR * NR : 0;  // columns read in place
-      if (whole < nc) pack_b<T, I>(trans_b, B, ldb, n1, j0 + whole, (nc - whole + NR - 1) / NR * NR, k0, kc, bpack.data());
+      if (whole < nc)
+        pack_b<T, I>(trans_b, B, ldb, n1, j0 + whole, (nc - whole + NR - 1) / NR * NR, k0, kc, bpack.data());
       for (int64_t i0 = 0; i0 < M; i0 += MC) {
         const int64_t mc = std::min(MC, M - i0);
         const int64_t mc_padded = (mc + MR - 1) / MR * MR;
@@ -277,8 +279,8 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
 // pack as the products took (Kg = 32). Here neither operand is packed: X (col, M × K) is read where
 // it is, a tile of rows broadcasting X[r][k] from its rows (kernel_body, not PACKED), and Y (δᵀ,
 // K × N, N ≤ kThinMax) is read a row of vectors per k, as the panels of B are. Panels of two
-// vectors of columns (tiles of MR rows), then one of one vector (2·MR rows); columns past the last whole vector are copied, zero-padded, into a panel
-// of one vector per k block. Z = X · Y over blocks of KT along k (each adds into the tile the one
+// vectors of columns (tiles of MR rows), then one of one vector (2·MR rows); the columns past the
+// last whole vector are copied, zero-padded, into a panel of one vector per k block. Z = X · Y over blocks of KT along k (each adds into the tile the one
 // before stored) goes to C as Z, or turned (C[j·ldc + i]: δ · colᵀ, ∂E/∂W in the weight's layout).
 constexpr int64_t KT = 512;  // k block: a tile's rows of X (12 × 512 floats, 24 KiB) stay in L1
 
@@ -323,7 +325,8 @@ void thin_rows(int64_t m0, int64_t m1, int64_t N, int64_t K, const T* X, int64_t
         const int64_t j = pairs * 2 * L;
         tile_kernel<T, I, G, 1, false>(kc, x, ld, y + j, ldy, out(0, j), ldc, rows, L, turned, acc);
       }
-      if (tail) tile_kernel<T, I, G, 1, false>(kc, x, ld, tail_panel.data(), L, out(0, tail_at), ldc, rows, tail, turned, acc);
+      if (tail)
+        tile_kernel<T, I, G, 1, false>(kc, x, ld, tail_panel.data(), L, out(0, tail_at), ldc, rows, tail, turned, acc);
     }
   }
 }
