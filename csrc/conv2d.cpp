@@ -437,6 +437,18 @@ int64_t blocks_of(int64_t channels, int64_t per_block) {
   return (channels + per_block - 1) / per_block;
 }
 
+// Thread t's share of P positions split over `threads`: whole 32-column panels, as equal as they go.
+Range thread_share(int64_t P, int64_t threads, int64_t t) {
+  const int64_t panels = (P + 31) / 32;
+  return {std::min(P, t * panels / threads * 32), std::min(P, (t + 1) * panels / threads * 32)};
+}
+// The tile length that cuts `len` columns into tiles of whole 32-column panels of about equal size,
+// none longer than `most` (a multiple of 32, or len itself).
+int64_t even_tiles(int64_t len, int64_t most) {
+  const int64_t tiles = (len + most - 1) / most;
+  return std::min(len, ((len + tiles - 1) / tiles + 31) / 32 * 32);
+}
+
 Plan plan_batches(const ConvShape& s, bool backward) {
   const int64_t threads = at::get_num_threads();
   const int64_t P = std::max<int64_t>(1, s.out_plane()), KHW = s.KH * s.KW;
@@ -465,8 +477,7 @@ Plan plan_batches(const ConvShape& s, bool backward) {
   // One sample at a time: tiles of whole 32-column panels, such that at least min(rows, 256) rows
   // fit the budget with them, and of about equal size (no short last tile).
   p.tile = std::min(P, std::max<int64_t>(256, budget / std::min<int64_t>(rows, 256) / 32 * 32));
-  const int64_t tiles = (P + p.tile - 1) / p.tile;
-  p.tile = std::min(P, ((P + tiles - 1) / tiles + 31) / 32 * 32);
+  p.tile = even_tiles(P, p.tile);
   // The channel block follows from the slab that the call would use on one thread, so that it does
   // not change with the thread count: x sums its channel blocks in order, and the same blocks give
   // the same bits at any thread count.
@@ -490,6 +501,11 @@ Plan plan_batches(const ConvShape& s, bool backward) {
     p.cblock = (Cg + nblk - 1) / nblk;
   }
   return p;
+}
+
+// How many products of a call use each channel block of the weight: one per slab.
+int64_t products_per_block(const ConvShape& s, const Plan& p) {
+  return p.block > 1 ? blocks_of(s.N, p.block) : s.N * blocks_of(s.out_plane(), p.tile);
 }
 
 template <typename Fn>
@@ -1349,16 +1365,28 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
     const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
     const bool direct = s.col_is_input();  // 1×1, stride 1, no padding: one sample's col is its input
     const int64_t block_rows = plan.cblock * KHW;
+    // x[:, slab] (+)= W[:, r0 … r0 + nr) · col: W packed once for the call where more than one slab
+    // uses it (the own GEMM packed it for every product: a tenth of the time of a 5×5 64→64 layer
+    // at 27×27, batch 4).
+    std::vector<PackedA<T>> wpack(s.groups);
+    if (products_per_block(s, plan) > 1)
+      for (int64_t g = 0; g < s.groups; ++g) wpack[g].pack(false, Kg, rows, w + g * Kg * rows, rows);
+    auto weight_product = [&](int64_t g, int64_t r0, int64_t nr, int64_t len, const T* B, int64_t ldb, bool acc, T* C,
+                              int64_t ldc) {
+      if (!wpack[g].empty())
+        wpack[g].gemm(r0, nr, len, B, ldb, acc, C, ldc);
+      else
+        gemm<T>(false, false, Kg, len, nr, w + g * Kg * rows + r0, rows, B, ldb, acc, C, ldc);
+    };
     for_each_chunk(s.N, plan.chunks, [&](int64_t, int64_t first, int64_t last) {
-      std::vector<T> col(split_positions || (direct && plan.block == 1) ? 0
+      Scratch<T> col(split_positions || (direct && plan.block == 1) ? 0
                          : block_rows * (plan.block > 1 ? plan.block * width : plan.tile));
-      std::vector<T> tmp(plan.block > 1 ? Kg * plan.block * width : 0);
-      std::vector<T> padded(frames ? plan.cblock * frame_of(s).plane() : 0);
+      Scratch<T> tmp(plan.block > 1 ? Kg * plan.block * width : 0);
+      Scratch<T> padded(frames ? plan.cblock * frame_of(s).plane() : 0);
       for (int64_t n = first; n < last; n += plan.block) {
         const int64_t nb = std::min(plan.block, last - n);
         for (int64_t g = 0; g < s.groups; ++g) {
           // x = W · col (+ b), channel block after channel block
-          const T* wg = w + g * Kg * rows;
           const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
           if (nb == 1) {
             T* o = out + (n * s.K + g * Kg) * P;
@@ -1367,22 +1395,28 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
               if (b)
                 for (int64_t k = 0; k < Kg; ++k) std::fill(o + k * P + p0, o + k * P + p1, b[g * Kg + k]);
               if (direct) {
-                gemm<T>(false, false, Kg, len, rows, wg, rows, in_ng + p0, s.in_plane(), b != nullptr, o + p0, P);
+                weight_product(g, 0, rows, len, in_ng + p0, s.in_plane(), b != nullptr, o + p0, P);
                 return;
               }
               for (int64_t c0 = 0; c0 < s.Cg(); c0 += plan.cblock) {
                 const int64_t r0 = c0 * KHW, r1 = std::min(s.Cg(), c0 + plan.cblock) * KHW;
                 im2col(in_ng, buf, len, s, p0, p1, r0, r1);
-                gemm<T>(false, false, Kg, len, r1 - r0, wg + r0, rows, buf, len, b != nullptr || c0 > 0, o + p0, P);
+                weight_product(g, r0, r1 - r0, len, buf, len, b != nullptr || c0 > 0, o + p0, P);
               }
             };
             if (split_positions) {
-              // tiles of whole 32-column panels, a multiple of the thread count of them
-              const int64_t per_thread = (P + threads * plan.tile - 1) / (threads * plan.tile);
-              const int64_t len = ((P + threads * per_thread - 1) / (threads * per_thread) + 31) / 32 * 32;
-              at::parallel_for(0, (P + len - 1) / len, 1, [&](int64_t t0, int64_t t1) {
-                std::vector<T> buf(direct ? 0 : block_rows * len);
-                for (int64_t t = t0; t < t1; ++t) positions(t * len, std::min(P, (t + 1) * len), buf.data());
+              // each thread an equal share of whole 32-column panels, cut into tiles of whole panels
+              // of about equal size, at most plan.tile columns (tiles of plan.tile columns over all the
+              // positions left one thread with 448 columns and the other with 336 at 28×28)
+              at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+                for (int64_t t = t0; t < t1; ++t) {
+                  const Range share = thread_share(P, threads, t);
+                  if (share.lo == share.hi) continue;
+                  const int64_t len = even_tiles(share.hi - share.lo, plan.tile);
+                  Scratch<T> buf(direct ? 0 : block_rows * len);
+                  for (int64_t p0 = share.lo; p0 < share.hi; p0 += len)
+                    positions(p0, std::min(share.hi, p0 + len), buf.data());
+                }
               });
             } else {
               for (int64_t p0 = 0; p0 < P; p0 += plan.tile) positions(p0, std::min(P, p0 + plan.tile), col.data());
@@ -1400,7 +1434,7 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
                 else
                   im2col(in_j, col.data() + j * width, ld, s, int64_t(0), P, r0, r1);
               }
-              gemm<T>(false, false, Kg, ld, r1 - r0, wg + r0, rows, col.data(), ld, c0 > 0, tmp.data(), ld);
+              weight_product(g, r0, r1 - r0, ld, col.data(), ld, c0 > 0, tmp.data(), ld);
             }
             for (int64_t j = 0; j < nb; ++j)
               for (int64_t k = 0; k < Kg; ++k) {
@@ -1494,19 +1528,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
         else
           gemm<T>(false, true, Kg, nr, len, dg, ldd, col, ldcol, add, gw_g + r0, rows);
       };
+      // ∂col[rows] = W[:, rows]ᵀ · δ for channel block kb (rows r0 … r0 + nr), or for all rows of a
+      // 1×1 layer's sample (kb = -1): each block's Wᵀ packed once for the call where more than one
+      // slab uses it, as the forward packs W (whole_products: one block of all rows per group).
+      const int64_t packed_blocks = whole_products ? 1 : nblk;
+      std::vector<PackedA<T>> wtpack(want_in ? s.groups * packed_blocks : 0);
+      if (want_in && products_per_block(s, plan) > 1)
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t kb = 0; kb < packed_blocks; ++kb) {
+            const int64_t c0 = kb * cblock, nr = whole_products ? rows : (std::min(s.Cg(), c0 + cblock) - c0) * KHW;
+            wtpack[g * packed_blocks + kb].pack(true, nr, Kg, w + g * Kg * rows + c0 * KHW, rows);
+          }
+      auto delta_product = [&](int64_t g, int64_t kb, int64_t r0, int64_t nr, int64_t len, const T* dg, int64_t ldd,
+                               T* C, int64_t ldc) {
+        const bool packed = (kb >= 0 || whole_products) && !wtpack[g * packed_blocks + std::max<int64_t>(kb, 0)].empty();
+        if (packed)
+          wtpack[g * packed_blocks + std::max<int64_t>(kb, 0)].gemm(0, Kg, len, dg, ldd, false, C, ldc);
+        else
+          gemm<T>(true, false, nr, len, Kg, w + g * Kg * rows + r0, rows, dg, ldd, false, C, ldc);
+      };
       for_each_chunk(s.N, plan.chunks, [&](int64_t t, int64_t first, int64_t last) {
         // One column buffer serves both products of a channel block in turn: its unrolled input
         // rows for ∂E/∂W, then Wᵀ · δ for δ_in.
         const int64_t span = plan.block > 1 ? plan.block * width : plan.tile;  // columns per product
-        std::vector<T> col(share || whole_products ? 0 : block_rows * span);
-        std::vector<T> pack(plan.block > 1 ? Kg * plan.block * width : 0);
-        std::vector<T> pack_t(thin && !whole_products ? Kg * (plan.block > 1 ? plan.block * width : P) : 0);
-        std::vector<T> padded(frames && !share ? pad_size : 0);
+        Scratch<T> col(share || whole_products ? 0 : block_rows * span);
+        Scratch<T> pack(plan.block > 1 ? Kg * plan.block * width : 0);
+        Scratch<T> pack_t(thin && !whole_products ? Kg * (plan.block > 1 ? plan.block * width : P) : 0);
+        Scratch<T> padded(frames && !share ? pad_size : 0);
         T* gw = want_w ? partial.mutable_data_ptr<T>() + t * s.K * rows : nullptr;
         for (int64_t n = first; n < last; n += plan.block) {
           const int64_t nb = std::min(plan.block, last - n);
           for (int64_t g = 0; g < s.groups; ++g) {
-            const T* wg = w + g * Kg * rows;
             T* gw_g = want_w ? gw + g * Kg * rows : nullptr;
             const T* in_ng = in + (n * s.C + g * s.Cg()) * s.in_plane();
             T* gin_ng = want_in ? gin + (n * s.C + g * s.Cg()) * s.in_plane() : nullptr;
@@ -1534,7 +1586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                                      n > first || p0 > 0, gw_g, r0);
                     }
                     if (want_in) {  // ∂col[rows, :] = W[:, rows]ᵀ · δ, then col2im into channels c0 … c1 − 1
-                      gemm<T>(true, false, nr, len, Kg, wg + r0, rows, dg + p0, ldd, false, buf, len);
+                      delta_product(g, kb, r0, nr, len, dg + p0, ldd, buf, len);
                       col2im(buf, len, gin_ng, s, p0, p1, c0, c1);
                     }
                   }
@@ -1551,7 +1603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
                     grad_w_product(nr, ld, buf, ld, dg, ldd, dgt, n > first, gw_g, r0);
                   }
                   if (want_in) {
-                    gemm<T>(true, false, nr, ld, Kg, wg + r0, rows, dg, ldd, false, buf, ld);
+                    delta_product(g, kb, r0, nr, ld, dg, ldd, buf, ld);
                     for (int64_t j = 0; j < nb; ++j) {
                       T* gin_j = gin_ng + j * s.C * s.in_plane();
                       if (framed)
@@ -1568,11 +1620,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
               // when not in a chunk). Cut into channel blocks and tiles, the thin products of
               // 1×1 layers ran 5-40% slower (float64, 2 threads, at one sample).
               if (want_w) grad_w_product(rows, P, in_ng, s.in_plane(), dg, ldd, nullptr, n > first, gw_g, 0);
-              if (want_in) gemm<T>(true, false, rows, P, Kg, wg, rows, dg, ldd, false, gin_ng, s.in_plane());
+              if (want_in) delta_product(g, -1, 0, rows, P, dg, ldd, gin_ng, s.in_plane());
             } else if (share) {
               at::parallel_for(0, nblk, 1, [&](int64_t k0, int64_t k1) {
-                std::vector<T> buf(block_rows * (nb == 1 ? plan.tile : nb * width));
-                std::vector<T> pad(framed ? pad_size : 0);
+                Scratch<T> buf(block_rows * (nb == 1 ? plan.tile : nb * width));
+                Scratch<T> pad(framed ? pad_size : 0);
                 channel_blocks(k0, k1, buf.data(), pad.data());
               });
             } else {

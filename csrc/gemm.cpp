@@ -151,8 +151,8 @@ CNNBP_VECTOR_OPS(float, Isa::avx2, CNNBP_TARGET_AVX2, __m256, _mm256, ps)
 CNNBP_VECTOR_OPS(double, Isa::avx2, CNNBP_TARGET_AVX2, __m256d, _mm256, pd)
 #undef CNNBP_VECTOR_OPS
 
-// C[R × NV·L tile] (+)= A · B over kc steps, the tile in registers. A: packed (PACKED: R values
-// per k, as pack_a makes them) or rows read in place (A[r·lda + k]); B: NV vectors per k, ldb apart.
+// C[R × NV·L tile] (+)= A · B over kc steps, the tile in registers. A: packed (PACKED: the first R
+// of a panel's MR values per k, as pack_a makes them) or rows read in place (A[r·lda + k]); B: NV vectors per k, ldb apart.
 // A full tile is read and written in place; an edge tile (rows < R or cols < NV·L), or a turned
 // one (C[j·ldc + r], the tile's transpose), goes through a local buffer.
 template <typename T, Isa I, int R, int NV, bool PACKED>
@@ -171,7 +171,7 @@ CNNBP_ALWAYS_INLINE void kernel_body(int64_t kc, const T* A, int64_t lda, const 
     for (int v = 0; v < NV; ++v) b[v] = VT::load(B + k * ldb + v * L);
 #pragma GCC unroll 24
     for (int r = 0; r < R; ++r) {
-      const typename VT::reg a = VT::set1(PACKED ? A[k * R + r] : A[r * lda + k]);
+      const typename VT::reg a = VT::set1(PACKED ? A[k * Tile<T, I>::MR + r] : A[r * lda + k]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] = VT::fma(a, b[v], acc[r][v]);
     }
@@ -236,14 +236,17 @@ struct AlignedBuffer {
 // row of NR values per k as a packed panel holds them, except a last panel of fewer than NR
 // columns (packed, zero-padded): packing B cost a buffer of NC × KC values per thread (1.5 MiB in
 // float), which put the peak memory of small 3×3 layers' forward+backward at 1.2-1.4× native's.
+// `packed`, when not null, is op(A) packed whole (pack_whole: panels of MR rows over pk values of
+// k, op(A)'s column 0 at k = 0 of each): read there, not packed again.
 template <typename T, Isa I>
 void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int64_t n1, int64_t K, const T* A,
-                          int64_t lda, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+                          int64_t lda, const T* packed, int64_t pk, const T* B, int64_t ldb, bool accumulate, T* C,
+                          int64_t ldc) {
   constexpr int MR = Tile<T, I>::MR, NR = Tile<T, I>::NR;
   const int64_t kc_max = std::min(KC, K);
   const bool in_place = !trans_b;
   const int64_t ncb = in_place ? n1 - n0 : NC;  // columns per block (one block when B is read in place)
-  AlignedBuffer<T> apack(std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
+  AlignedBuffer<T> apack(packed ? 0 : std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
   AlignedBuffer<T> bpack((in_place ? NR : std::min(NC, (n1 - n0 + NR - 1) / NR * NR)) * kc_max);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
@@ -256,16 +259,22 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
       for (int64_t i0 = 0; i0 < M; i0 += MC) {
         const int64_t mc = std::min(MC, M - i0);
         const int64_t mc_padded = (mc + MR - 1) / MR * MR;
-        pack_a<T, I>(trans_a, A, lda, M, i0, mc_padded, k0, kc, apack.data());
+        if (!packed) pack_a<T, I>(trans_a, A, lda, M, i0, mc_padded, k0, kc, apack.data());
         for (int64_t jp = 0; jp < nc; jp += NR) {
           const bool direct = jp < whole;
           const T* bp = direct ? B + k0 * ldb + j0 + jp : bpack.data() + (jp - whole) * kc;
           const int64_t ldbp = direct ? ldb : NR;
           for (int64_t ip = 0; ip < mc; ip += MR) {
-            const T* ap = apack.data() + ip * kc;
+            const T* ap = packed ? packed + (i0 + ip) * pk + k0 * MR : apack.data() + ip * kc;
             T* c = C + (i0 + ip) * ldc + j0 + jp;
             const int64_t rows = std::min<int64_t>(MR, mc - ip), cols = std::min<int64_t>(NR, nc - jp);
-            tile_kernel<T, I, MR, 2, true>(kc, ap, 0, bp, ldbp, c, ldc, rows, cols, false, acc);
+            // A last panel of a few rows by a kernel of fewer (M = 64: 5 panels of 12 rows, 1 of 4)
+            if (rows <= MR / 3)
+              tile_kernel<T, I, MR / 3, 2, true>(kc, ap, 0, bp, ldbp, c, ldc, rows, cols, false, acc);
+            else if (rows <= 2 * MR / 3)
+              tile_kernel<T, I, 2 * MR / 3, 2, true>(kc, ap, 0, bp, ldbp, c, ldc, rows, cols, false, acc);
+            else
+              tile_kernel<T, I, MR, 2, true>(kc, ap, 0, bp, ldbp, c, ldc, rows, cols, false, acc);
           }
         }
       }
@@ -343,8 +352,8 @@ void gemm_thin_blocked(int64_t M, int64_t N, int64_t K, const T* X, int64_t ldx,
 }
 
 template <typename T, Isa I>
-void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                  int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* packed,
+                  int64_t pk, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
@@ -354,7 +363,18 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
   const int64_t panels = (N + NR - 1) / NR;
   // Columns split in whole panels; each thread packs its own operands and writes its own columns.
   at::parallel_for(0, panels, grain_for(M * K * NR / 8), [&](int64_t p0, int64_t p1) {
-    gemm_blocked_columns<T, I>(trans_a, trans_b, M, p0 * NR, std::min(N, p1 * NR), K, A, lda, B, ldb, accumulate, C, ldc);
+    gemm_blocked_columns<T, I>(trans_a, trans_b, M, p0 * NR, std::min(N, p1 * NR), K, A, lda, packed, pk, B, ldb,
+                               accumulate, C, ldc);
+  });
+}
+
+// op(A) (M × K) as the panels of MR rows that pack_a makes, over all of K: panel p at out + p·MR·K.
+template <typename T, Isa I>
+void pack_whole(bool trans, int64_t M, int64_t K, const T* A, int64_t lda, T* out) {
+  constexpr int MR = Tile<T, I>::MR;
+  const int64_t panels = (M + MR - 1) / MR;
+  at::parallel_for(0, panels, grain_for(MR * K * 8), [&](int64_t p0, int64_t p1) {
+    pack_a<T, I>(trans, A, lda, M, p0 * MR, (p1 - p0) * MR, 0, K, out + p0 * MR * K);
   });
 }
 #endif
@@ -390,14 +410,51 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 #ifdef CNNBP_X86
   if (own_gemm_selected()) {
     if (active_isa() == Isa::avx512)
-      gemm_blocked<T, Isa::avx512>(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+      gemm_blocked<T, Isa::avx512>(trans_a, trans_b, M, N, K, A, lda, nullptr, 0, B, ldb, accumulate, C, ldc);
     else
-      gemm_blocked<T, Isa::avx2>(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+      gemm_blocked<T, Isa::avx2>(trans_a, trans_b, M, N, K, A, lda, nullptr, 0, B, ldb, accumulate, C, ldc);
     return;
   }
 #endif
   gemm_aten(trans_a, trans_b, M, N, K, A, lda, B, ldb, accumulate, C, ldc);
 }
+
+template <typename T>
+bool PackedA<T>::pack(bool trans_a, int64_t rows, int64_t depth, const T* A, int64_t lda) {
+  panels.clear();
+  M = rows, K = depth;
+#ifdef CNNBP_X86
+  if (!own_gemm_selected() || M == 0 || K == 0) return false;
+  const bool wide = active_isa() == Isa::avx512;
+  const int64_t MR = wide ? Tile<T, Isa::avx512>::MR : Tile<T, Isa::avx2>::MR;
+  panels.resize((M + MR - 1) / MR * MR * K);
+  if (wide)
+    pack_whole<T, Isa::avx512>(trans_a, M, K, A, lda, panels.data());
+  else
+    pack_whole<T, Isa::avx2>(trans_a, M, K, A, lda, panels.data());
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void PackedA<T>::gemm(int64_t k0, int64_t kc, int64_t N, const T* B, int64_t ldb, bool accumulate, T* C,
+                      int64_t ldc) const {
+  TORCH_CHECK(!panels.empty() && k0 >= 0 && kc > 0 && k0 + kc <= K, "cnnbp: PackedA::gemm outside the packed operand");
+  if (N == 0) return;
+#ifdef CNNBP_X86
+  if (active_isa() == Isa::avx512)
+    gemm_blocked<T, Isa::avx512>(false, false, M, N, kc, nullptr, 0,
+                                 panels.data() + k0 * Tile<T, Isa::avx512>::MR, K, B, ldb, accumulate, C, ldc);
+  else
+    gemm_blocked<T, Isa::avx2>(false, false, M, N, kc, nullptr, 0, panels.data() + k0 * Tile<T, Isa::avx2>::MR, K,
+                               B, ldb, accumulate, C, ldc);
+#endif
+}
+
+template struct PackedA<float>;
+template struct PackedA<double>;
 
 bool thin_products() {
 #ifdef CNNBP_X86

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace cnnbp {
 
@@ -26,6 +27,21 @@ const char* gemm_backend();
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, bool accumulate, T* C, int64_t ldc);
+
+// op(A) packed once for several products that use it (the weight of a convolution, for every slab
+// of a batch): pack() lays it out as the own backend's GEMM packs it for each product, panels of its
+// tile's rows over all of K, and returns true; with the BLAS backend (or an empty A) it keeps nothing
+// and returns false. gemm(k0, kc, …): C (+)= op(A)[:, k0 … k0 + kc) · B, B (kc × N, B[k·ldb + j])
+// not transposed, threaded as gemm() is.
+template <typename T>
+struct PackedA {
+  bool pack(bool trans_a, int64_t M, int64_t K, const T* A, int64_t lda);
+  bool empty() const { return panels.empty(); }
+  void gemm(int64_t k0, int64_t kc, int64_t N, const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) const;
+
+  std::vector<T> panels;
+  int64_t M = 0, K = 0;
+};
 
 // Z = X · Y for ∂E/∂W (col · δᵀ) with both operands read in place: X is M×K (X[i·ldx + k]), Y is K×N
 // (Y[k·ldy + j]) with N ≤ kThinMax. Into C as Z (C[i·ldc + j]), or turned (C[j·ldc + i]); accumulate

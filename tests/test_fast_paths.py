@@ -13,6 +13,8 @@ backward) through the shared harness, and with the NumPy reference on tiny float
   tile of one sample). GEMM_CASES puts each of these dimensions below one tile/block, on a multiple
   and one past it; `conv_plan` reads the plan from the extension (cnnbp::_conv2d_plan) so that
   test_gemm_matrix_covers_the_edges can say which products the cases make.
+* the weight packed once per call where several slabs use it (PACKED_CASES), with the last panel
+  of every height class (kernels of MR/3, 2·MR/3 and MR rows).
 * the batch plan: sample blocks (block > 1 when OH·OW < 512) with remainders, per-thread chunks
   (N ≥ threads, work ≥ 2^20) with batches not divisible by the thread count, the pointwise direct
   path (col is the input itself) and pointwise convs that are not direct (stride 2, padding).
@@ -137,10 +139,13 @@ def conv_plan(x_shape, w_shape, threads, stride=1, padding=0, dilation=1, groups
                 col_rows = [r * KHW for r in _split(Cg, cblock)]
             if nb > 1:
                 cols = [nb * width]
-            elif shared:
-                per_thread = -(-P // (threads * tile))
-                length = (-(-P // (threads * per_thread)) + 31) // 32 * 32
-                cols = _split(P, length)
+            elif shared:  # each thread whole 32-column panels, in tiles of about equal size
+                panels, cols = -(-P // 32), []
+                for t in range(threads):
+                    lo, hi = (min(P, i * panels // threads * 32) for i in (t, t + 1))
+                    if hi > lo:
+                        tiles = -(-(hi - lo) // tile)
+                        cols += _split(hi - lo, min(hi - lo, (-(-(hi - lo) // tiles) + 31) // 32 * 32))
             else:
                 cols = _split(P, tile)
             products |= {("forward", Kg, c, r) for c in cols for r in col_rows}
@@ -329,6 +334,51 @@ def test_grad_weight_thin_products(case, dtype):
     plan = torch.ops.cnnbp._conv2d_plan(list(xs), list(ws), [1, 1], [0, 0, 0, 0], [1, 1], groups, True)
     assert plan[0] == chunks, (name, plan)
     run_conv_case(xs, ws, False, kw, dtype, threads, msg=name)
+
+
+# The weight packed once per call (csrc/gemm.h: PackedA, used with the own GEMM where more than one
+# slab of the call multiplies each channel block of it): W's rows for the forward, each channel
+# block's Wᵀ for δ_in. Its last panel of M mod MR rows runs on a kernel of MR/3, 2·MR/3 or MR rows
+# (MR = 12 on AVX-512, 6 on AVX2). (id, input shape, weight shape, kwargs, threads): Kg is the
+# forward's M, the rows of a channel block δ_in's.
+PACKED_CASES = [
+    ("Kg4_rows8_N2", (2, 2, 24, 24), (4, 2, 2, 2), {}, 1),
+    ("Kg5_rows20_N2", (2, 5, 24, 24), (5, 5, 2, 2), {}, 1),
+    ("Kg8_rows45_N6_chunks", (6, 5, 24, 24), (8, 5, 3, 3), dict(padding=1), 2),
+    ("Kg9_rows5_N2_1x1s2", (2, 5, 48, 48), (9, 5, 1, 1), dict(stride=2), 1),
+    ("Kg24_rows27_N2", (2, 3, 26, 26), (24, 3, 3, 3), {}, 1),
+    ("Kg20_rows288_tiles", (1, 32, 28, 28), (20, 32, 3, 3), dict(padding=1), 1),
+    ("Kg20_rows288_tiles_shared", (1, 32, 28, 28), (20, 32, 3, 3), dict(padding=1), 2),
+    ("Kg64_rows200_blocks5x5", (2, 24, 27, 27), (64, 24, 5, 5), dict(padding=2), 1),
+    ("Kg13_rows54_N5_blocks", (5, 6, 16, 16), (13, 6, 3, 3), dict(padding=1), 2),
+    ("groups2_Kg6_rows36_N8_blocks", (8, 8, 12, 12), (12, 4, 3, 3), dict(groups=2), 1),
+    ("Kg7_rows11_N2_1x1_direct", (2, 11, 24, 24), (7, 11, 1, 1), {}, 1),
+]
+
+
+def packed_products(case):
+    """The (forward, grad_input) products of a PACKED_CASES case whose weight operand is packed once."""
+    _, xs, ws, kw, threads = case
+    plan = conv_plan(xs, ws, threads, **kw)
+    slabs = lambda p: -(-xs[0] // p.block) if p.block > 1 else xs[0] * -(-plan.P // p.tile)
+    assert slabs(plan) > 1 and slabs(plan.backward) > 1, "more than one slab per channel block"
+    return [(name, M) for name, M, _, _ in plan.products if name != "grad_weight"]
+
+
+def test_packed_matrix_covers_every_last_panel():
+    """Every kernel a last panel can take, for both products and both tile heights (a model test)."""
+    for mr in (12, 6):
+        for name in ("forward", "grad_input"):
+            rests = {M % mr for case in PACKED_CASES for n, M in packed_products(case) if n == name}
+            kernels = {0 if r == 0 else 1 if r <= mr // 3 else 2 if r <= 2 * mr // 3 else 3 for r in rests}
+            assert kernels == {0, 1, 2, 3}, (mr, name, sorted(rests))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: c[0])
+def test_products_with_the_weight_packed_once(case, dtype):
+    name, xs, ws, kw, threads = case
+    run_conv_case(xs, ws, True, kw, dtype, threads, msg=name)
 
 
 @pytest.mark.skipif(not own_gemm_active(), reason="the own GEMM does not run here (CNNBP_GEMM / CPU)")
@@ -1362,6 +1412,7 @@ def run_isa_subset():
     gemm = ("Kg13_rows33_cols33", "Kg12_rows256_cols32", "Kg11_rows257_cols55_1x1s2", "Kg257_rows153_cols51",
             "Kg13_rows27_cols1537_1thread", "Kg12_rows18_cols3100_2threads")
     thin = ("Kg40_rows45_cols483", "Kg48_rows72_cols648_chunks", "Kg20_rows81_cols484_chunks")
+    packed = ("Kg4_rows8_N2", "Kg5_rows20_N2", "Kg8_rows45_N6_chunks", "Kg20_rows288_tiles_shared")
     plan = (("out7x7_N13", 1), ("out7x7_N13", 2), ("out10x10_N13_blocks_6_6_1", 1), ("pointwise_direct_24x24_N3", 2),
             ("pointwise_16x16_N2", 2), ("pointwise_blocked_7x7_N5", 1), ("pointwise_stride2_pad1_N13", 2))
     for dtype in (torch.float32, torch.float64):
@@ -1372,6 +1423,10 @@ def run_isa_subset():
         for name in thin:
             _, xs, ws, kw, threads, _ = next(c for c in THIN_CASES if c[0] == name)
             run_conv_case(xs, ws, False, kw, dtype, threads, msg=name)
+            count += 1
+        for name in packed:
+            _, xs, ws, kw, threads = next(c for c in PACKED_CASES if c[0] == name)
+            run_conv_case(xs, ws, True, kw, dtype, threads, msg=name)
             count += 1
         for name, threads in plan:
             _, xs, ws, bias, kw = next(c for c in PLAN_CASES if c[0] == name)
