@@ -503,9 +503,14 @@ Plan plan_batches(const ConvShape& s, bool backward) {
   return p;
 }
 
-// How many products of a call use each channel block of the weight: one per slab.
-int64_t products_per_block(const ConvShape& s, const Plan& p) {
-  return p.block > 1 ? blocks_of(s.N, p.block) : s.N * blocks_of(s.out_plane(), p.tile);
+// Whether a call packs the weight once for all its products (PackedA) rather than the own GEMM
+// packing it for each: where more than one slab multiplies each channel block of it, and the packed
+// copy is at most half the size of the call's inputs and outputs (packed always, it put the peak
+// memory of 256→256 3×3 at 14×14, batch 8, at 1.29× native's).
+bool pack_weight_once(const ConvShape& s, const Plan& p) {
+  const int64_t slabs = p.block > 1 ? blocks_of(s.N, p.block) : s.N * blocks_of(s.out_plane(), p.tile);
+  const int64_t data = s.N * (s.C * s.in_plane() + s.K * s.out_plane());
+  return slabs > 1 && s.K * s.col_rows() * 2 <= data;
 }
 
 template <typename Fn>
@@ -1365,11 +1370,11 @@ at::Tensor conv2d_forward(const at::Tensor& input_, const at::Tensor& weight_,
     const int64_t width = frames ? frame_of(s).P : P;  // columns per sample in a block
     const bool direct = s.col_is_input();  // 1×1, stride 1, no padding: one sample's col is its input
     const int64_t block_rows = plan.cblock * KHW;
-    // x[:, slab] (+)= W[:, r0 … r0 + nr) · col: W packed once for the call where more than one slab
-    // uses it (the own GEMM packed it for every product: a tenth of the time of a 5×5 64→64 layer
-    // at 27×27, batch 4).
+    // x[:, slab] (+)= W[:, r0 … r0 + nr) · col: W packed once for the call (pack_weight_once; the
+    // own GEMM packing it for every product took a tenth of a 5×5 64→64 layer's forward at 27×27,
+    // batch 4).
     std::vector<PackedA<T>> wpack(s.groups);
-    if (products_per_block(s, plan) > 1)
+    if (pack_weight_once(s, plan))
       for (int64_t g = 0; g < s.groups; ++g) wpack[g].pack(false, Kg, rows, w + g * Kg * rows, rows);
     auto weight_product = [&](int64_t g, int64_t r0, int64_t nr, int64_t len, const T* B, int64_t ldb, bool acc, T* C,
                               int64_t ldc) {
@@ -1529,11 +1534,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(
           gemm<T>(false, true, Kg, nr, len, dg, ldd, col, ldcol, add, gw_g + r0, rows);
       };
       // ∂col[rows] = W[:, rows]ᵀ · δ for channel block kb (rows r0 … r0 + nr), or for all rows of a
-      // 1×1 layer's sample (kb = -1): each block's Wᵀ packed once for the call where more than one
-      // slab uses it, as the forward packs W (whole_products: one block of all rows per group).
+      // 1×1 layer's sample (kb = -1): each block's Wᵀ packed once for the call where the forward
+      // packs W (pack_weight_once; whole_products: one block of all rows per group).
       const int64_t packed_blocks = whole_products ? 1 : nblk;
       std::vector<PackedA<T>> wtpack(want_in ? s.groups * packed_blocks : 0);
-      if (want_in && products_per_block(s, plan) > 1)
+      if (want_in && pack_weight_once(s, plan))
         for (int64_t g = 0; g < s.groups; ++g)
           for (int64_t kb = 0; kb < packed_blocks; ++kb) {
             const int64_t c0 = kb * cblock, nr = whole_products ? rows : (std::min(s.Cg(), c0 + cblock) - c0) * KHW;
