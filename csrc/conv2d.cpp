@@ -57,12 +57,6 @@ struct ConvShape {
   }
 };
 
-std::string sizes_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
 // Every argument check of the op, in the order PyTorch makes them; the messages follow PyTorch's.
 ConvShape check_conv2d(const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
