@@ -565,6 +565,46 @@ def test_one_sample_split_over_threads(case, dtype, threads):
     run_conv_case(xs, ws, bias, kw, dtype, threads, msg=f"{name}, {threads} threads")
 
 
+def gemm_splits_rows(M, N, threads, dtype):
+    """gemm_blocked's choice (csrc/gemm.cpp) for a product outside a parallel region: rows in whole
+    panels of MR where the largest thread's share of rows is less work than its share of columns."""
+    def largest(parts, unit, length):
+        return min(length, -(-parts // threads) * unit)
+    nr = NR[dtype]
+    return largest(-(-M // MR), MR, M) * N < largest(-(-N // nr), nr, N) * M
+
+
+# Products with few columns split over threads by rows of A (M, N as gemm_blocked sees them):
+# (id, input, weight, bias, kwargs, M, N of the product that splits by rows)
+ROW_SPLIT_CASES = [
+    # forward, x = W · col: 100 rows (the second thread's last panel has 4), 49 columns
+    ("fwd_100x49", (1, 96, 7, 7), (100, 96, 3, 3), True, dict(padding=1), 100, 49),
+    # 1×1 backward of one sample made whole: δ_in = Wᵀ · δ (A transposed), 200 rows, 36 columns
+    ("din_1x1_transposed_200x36", (1, 200, 6, 6), (64, 200, 1, 1), False, {}, 200, 36),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("case", ROW_SPLIT_CASES, ids=lambda c: c[0])
+def test_products_split_by_rows(case, dtype):
+    """Each thread packs and multiplies its own rows of A: the results match native, and are the
+    same bits as on one thread (the split changes which thread computes a row, not how)."""
+    if not own_gemm_active():
+        pytest.skip("the row split is the own GEMM's (gemm=blas here)")
+    name, xs, ws, bias, kw, M, N = case
+    assert gemm_splits_rows(M, N, 2, dtype), name
+    run_conv_case(xs, ws, bias, kw, dtype, 2, msg=f"{name}, 2 threads")
+    x, w = randn(*xs, dtype=dtype).requires_grad_(), randn(*ws, dtype=dtype).requires_grad_()
+    b = randn(ws[0], dtype=dtype).requires_grad_() if bias else None
+    results = []
+    for threads in (1, 2):
+        set_threads(threads)
+        y = torch_cnnbp.conv2d(x, w, b, **kw)
+        results.append((y, *torch.autograd.grad(y, (x, w), torch.ones_like(y))))
+    for one, two in zip(*results):
+        assert torch.equal(one, two), name
+
+
 # Channel blocks (csrc/conv2d.cpp, "the batch loop"): a column buffer holds the rows of a block of
 # input channels; the forward adds the blocks' products up, the backward's products and col2im
 # split along them. Each case has more input channels than one block (an odd count, so the last
