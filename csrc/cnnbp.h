@@ -125,15 +125,28 @@ inline int64_t grain_for(int64_t work) {
 }
 
 // Scratch memory of n values, not initialised (std::vector would zero it first: 3-4% of a batch-1
-// 3×3 layer's forward went to zeroing column buffers that the unrolling then overwrote).
+// 3×3 layer's forward went to zeroing column buffers that the unrolling then overwrote), starting on
+// a cache line (packed GEMM panels: no vector load straddles two). From a stack per thread that keeps
+// its memory between calls (ops.cpp): from malloc, the buffers that each thread freed stayed resident
+// in its heap, and the backward's came on top of the forward's (128→128 3×3 at 28×28, batch 1, two
+// threads: peak memory of a forward+backward 1.34× native's); unmapped after every call, their pages
+// were faulted in anew by the next (the same layer took 1.37× as long).
+void* scratch_alloc(size_t bytes);
+void scratch_free(void* p, size_t bytes);
+
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t n) : values_(n > 0 ? new T[n] : nullptr) {}
-  T* data() { return values_.get(); }
+  explicit Scratch(int64_t n)
+      : bytes_(n > 0 ? size_t(n) * sizeof(T) : 0), values_(static_cast<T*>(bytes_ ? scratch_alloc(bytes_) : nullptr)) {}
+  ~Scratch() { scratch_free(values_, bytes_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return values_; }
 
  private:
-  std::unique_ptr<T[]> values_;
+  size_t bytes_;
+  T* values_;
 };
 
 // Half types are computed in float: the kernels see float or double only.

@@ -218,20 +218,6 @@ void tile_kernel(int64_t kc, const T* A, int64_t lda, const T* B, int64_t ldb, T
     kernel_avx2<T, R, NV, PACKED>(kc, A, lda, B, ldb, C, ldc, rows, cols, turned, accumulate);
 }
 
-// Packed panels start on cache lines, so that no vector load of a panel straddles two.
-template <typename T>
-struct AlignedBuffer {
-  explicit AlignedBuffer(int64_t n)
-      : ptr(static_cast<T*>(std::aligned_alloc(64, std::max<int64_t>(64, (n * sizeof(T) + 63) / 64 * 64)))) {
-    TORCH_CHECK(ptr != nullptr, "cnnbp: out of memory for a ", n * sizeof(T), "-byte GEMM buffer");
-  }
-  ~AlignedBuffer() { std::free(ptr); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  T* data() { return ptr; }
-  T* ptr;
-};
-
 // One thread's share: the columns [n0, n1) of C. op(B) = B (not transposed) is read in place, a
 // row of NR values per k as a packed panel holds them, except a last panel of fewer than NR
 // columns (packed, zero-padded): packing B cost a buffer of NC × KC values per thread (1.5 MiB in
@@ -246,8 +232,8 @@ void gemm_blocked_columns(bool trans_a, bool trans_b, int64_t M, int64_t n0, int
   const int64_t kc_max = std::min(KC, K);
   const bool in_place = !trans_b;
   const int64_t ncb = in_place ? n1 - n0 : NC;  // columns per block (one block when B is read in place)
-  AlignedBuffer<T> apack(packed ? 0 : std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
-  AlignedBuffer<T> bpack((in_place ? NR : std::min(NC, (n1 - n0 + NR - 1) / NR * NR)) * kc_max);
+  Scratch<T> apack(packed ? 0 : std::min(MC, (M + MR - 1) / MR * MR) * kc_max);
+  Scratch<T> bpack((in_place ? NR : std::min(NC, (n1 - n0 + NR - 1) / NR * NR)) * kc_max);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = std::min(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
@@ -303,8 +289,8 @@ void thin_rows(int64_t m0, int64_t m1, int64_t N, int64_t K, const T* X, int64_t
   const int64_t kt_max = std::min(KT, K);
   const int64_t pairs = N / (2 * L), single = N % (2 * L) >= L, tail = N % L;  // panels of each width
   const int64_t tail_at = N - tail;
-  AlignedBuffer<T> tail_panel(tail ? L * kt_max : 0);
-  AlignedBuffer<T> edge(G * kt_max);
+  Scratch<T> tail_panel(tail ? L * kt_max : 0);
+  Scratch<T> edge(G * kt_max);
   for (int64_t k0 = 0; k0 < K; k0 += KT) {
     const int64_t kc = std::min(KT, K - k0);
     const bool acc = accumulate || k0 > 0;

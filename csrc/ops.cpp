@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -26,6 +27,104 @@ void check_floating_cpu(const at::Tensor& t, const char* op, const char* name) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
               op, ": ", name, " must be float32, float64, float16 or bfloat16, but got ", type);
+}
+
+namespace {
+
+// Each thread's scratch buffers, a stack: Scratch objects live in scopes, so they are freed in the
+// reverse order of their allocation. The stack keeps its memory for the thread's next call, in one
+// block of the most it has held at once (at most kStackMost); a call that needs more than the block
+// has maps another for the rest, and once the stack is empty again the blocks are replaced by one
+// of the new size. Mapped from the kernel (Linux): the memory is not shared with malloc's heaps.
+constexpr size_t kStackMost = size_t(8) << 20;
+constexpr size_t kStackLeast = size_t(64) << 10;
+
+char* map_bytes(size_t bytes) {
+#if defined(__linux__)
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+#else
+  return static_cast<char*>(std::aligned_alloc(64, bytes));
+#endif
+}
+
+void unmap_bytes(char* p, size_t bytes) {
+#if defined(__linux__)
+  munmap(p, bytes);
+#else
+  (void)bytes;
+  std::free(p);
+#endif
+}
+
+class ScratchStack {
+ public:
+  ~ScratchStack() {
+    for (const Block& b : blocks_) unmap_bytes(b.base, b.size);
+  }
+
+  // Null where the stack would grow past kStackMost: the caller allocates elsewhere.
+  char* push(size_t bytes) {
+    if (live_ + bytes > kStackMost) return nullptr;
+    if (blocks_.empty() || blocks_.back().top + bytes > blocks_.back().size) {
+      const size_t page = 4096;
+      const size_t size = (std::max({bytes, blocks_.empty() ? most_ : 0, kStackLeast}) + page - 1) / page * page;
+      char* base = map_bytes(size);
+      if (base == nullptr) return nullptr;
+      blocks_.push_back({base, size, 0});
+    }
+    Block& b = blocks_.back();
+    char* p = b.base + b.top;
+    b.top += bytes;
+    live_ += bytes;
+    most_ = std::max(most_, live_);
+    return p;
+  }
+
+  // p: the last buffer pushed and not popped.
+  void pop(char* p, size_t bytes) {
+    Block& b = blocks_.back();
+    TORCH_INTERNAL_ASSERT(p + bytes == b.base + b.top, "cnnbp: scratch buffers freed out of order");
+    b.top -= bytes;
+    live_ -= bytes;
+    if (b.top == 0 && (blocks_.size() > 1 || b.size < most_)) {
+      unmap_bytes(b.base, b.size);
+      blocks_.pop_back();
+    }
+  }
+
+  bool holds(const char* p) const {
+    return !blocks_.empty() && p >= blocks_.back().base && p < blocks_.back().base + blocks_.back().size;
+  }
+
+ private:
+  struct Block {
+    char* base;
+    size_t size, top;
+  };
+  std::vector<Block> blocks_;
+  size_t live_ = 0, most_ = 0;  // bytes in use now, the most in use at once so far
+};
+
+thread_local ScratchStack scratch_stack;
+
+}  // namespace
+
+void* scratch_alloc(size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;  // every buffer on a cache line
+  if (char* p = scratch_stack.push(bytes)) return p;
+  void* p = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(p != nullptr, "cnnbp: out of memory for a ", bytes, "-byte scratch buffer");
+  return p;
+}
+
+void scratch_free(void* p, size_t bytes) {
+  if (p == nullptr) return;
+  char* c = static_cast<char*>(p);
+  if (scratch_stack.holds(c))
+    scratch_stack.pop(c, (bytes + 63) / 64 * 64);
+  else
+    std::free(p);
 }
 
 at::Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options) {
