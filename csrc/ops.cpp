@@ -32,10 +32,11 @@ void check_floating_cpu(const at::Tensor& t, const char* op, const char* name) {
 namespace {
 
 // Each thread's scratch buffers, a stack: Scratch objects live in scopes, so they are freed in the
-// reverse order of their allocation. The stack keeps its memory for the thread's next call, in one
-// block of the most it has held at once (at most kStackMost); a call that needs more than the block
-// has maps another for the rest, and once the stack is empty again the blocks are replaced by one
-// of the new size. Mapped from the kernel (Linux): the memory is not shared with malloc's heaps.
+// reverse order of their allocation. The stack's memory is blocks mapped from the kernel (Linux; not
+// shared with malloc's heaps), kept for the thread's next calls: a call that makes the same requests
+// as one before finds them in the same blocks, already resident. A request that fits neither the
+// current block nor the next replaces the blocks after the current one (all empty) by one of at
+// least the size mapped so far; at most kStackMost in all, beyond which requests go to malloc.
 constexpr size_t kStackMost = size_t(8) << 20;
 constexpr size_t kStackLeast = size_t(64) << 10;
 
@@ -63,38 +64,41 @@ class ScratchStack {
     for (const Block& b : blocks_) unmap_bytes(b.base, b.size);
   }
 
-  // Null where the stack would grow past kStackMost: the caller allocates elsewhere.
+  // Null where the stack has no room and may not grow: the caller allocates elsewhere.
   char* push(size_t bytes) {
-    if (live_ + bytes > kStackMost) return nullptr;
-    if (blocks_.empty() || blocks_.back().top + bytes > blocks_.back().size) {
-      const size_t page = 4096;
-      const size_t size = (std::max({bytes, blocks_.empty() ? most_ : 0, kStackLeast}) + page - 1) / page * page;
-      char* base = map_bytes(size);
-      if (base == nullptr) return nullptr;
-      blocks_.push_back({base, size, 0});
+    if (blocks_.empty() || blocks_[cur_].top + bytes > blocks_[cur_].size) {
+      const size_t next = blocks_.empty() ? 0 : cur_ + 1;
+      if (next >= blocks_.size() || bytes > blocks_[next].size) {
+        for (size_t b = next; b < blocks_.size(); ++b) {
+          mapped_ -= blocks_[b].size;
+          unmap_bytes(blocks_[b].base, blocks_[b].size);
+        }
+        blocks_.resize(next);
+        const size_t page = 4096;
+        const size_t size = (std::max({bytes, mapped_, kStackLeast}) + page - 1) / page * page;
+        char* base = mapped_ + size <= kStackMost ? map_bytes(size) : nullptr;
+        if (base == nullptr) return nullptr;
+        blocks_.push_back({base, size, 0});
+        mapped_ += size;
+      }
+      cur_ = next;
     }
-    Block& b = blocks_.back();
+    Block& b = blocks_[cur_];
     char* p = b.base + b.top;
     b.top += bytes;
-    live_ += bytes;
-    most_ = std::max(most_, live_);
     return p;
   }
 
   // p: the last buffer pushed and not popped.
   void pop(char* p, size_t bytes) {
-    Block& b = blocks_.back();
+    Block& b = blocks_[cur_];
     TORCH_INTERNAL_ASSERT(p + bytes == b.base + b.top, "cnnbp: scratch buffers freed out of order");
     b.top -= bytes;
-    live_ -= bytes;
-    if (b.top == 0 && (blocks_.size() > 1 || b.size < most_)) {
-      unmap_bytes(b.base, b.size);
-      blocks_.pop_back();
-    }
+    if (b.top == 0 && cur_ > 0) --cur_;
   }
 
   bool holds(const char* p) const {
-    return !blocks_.empty() && p >= blocks_.back().base && p < blocks_.back().base + blocks_.back().size;
+    return !blocks_.empty() && p >= blocks_[cur_].base && p < blocks_[cur_].base + blocks_[cur_].size;
   }
 
  private:
@@ -102,8 +106,8 @@ class ScratchStack {
     char* base;
     size_t size, top;
   };
-  std::vector<Block> blocks_;
-  size_t live_ = 0, most_ = 0;  // bytes in use now, the most in use at once so far
+  std::vector<Block> blocks_;  // blocks_[cur_] holds the last buffer pushed; the ones after it are empty
+  size_t cur_ = 0, mapped_ = 0;
 };
 
 thread_local ScratchStack scratch_stack;
