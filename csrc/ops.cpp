@@ -112,10 +112,15 @@ class ScratchStack {
 
 thread_local ScratchStack scratch_stack;
 
+// Every buffer a whole number of cache lines, so that the next one starts on a line.
+size_t in_lines(size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
+
 }  // namespace
 
 void* scratch_alloc(size_t bytes) {
-  bytes = (bytes + 63) / 64 * 64;  // every buffer on a cache line
+  bytes = in_lines(bytes);
   if (char* p = scratch_stack.push(bytes)) return p;
   void* p = std::aligned_alloc(64, bytes);
   TORCH_CHECK(p != nullptr, "cnnbp: out of memory for a ", bytes, "-byte scratch buffer");
@@ -126,7 +131,7 @@ void scratch_free(void* p, size_t bytes) {
   if (p == nullptr) return;
   char* c = static_cast<char*>(p);
   if (scratch_stack.holds(c))
-    scratch_stack.pop(c, (bytes + 63) / 64 * 64);
+    scratch_stack.pop(c, in_lines(bytes));
   else
     std::free(p);
 }
