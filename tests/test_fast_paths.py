@@ -1216,6 +1216,28 @@ def test_max_pool2d_2x2_narrow_rows_gathered(ceil_mode, dtype, threads):
                                           f"{tuple(x.shape)}, ceil_mode={ceil_mode}, {dtype}, {threads} threads")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool2d_2x2_row_blocks_across_planes(threads):
+    """NCHW float32 2x2 stride 2 over planes the windows tile exactly (H = 2·OH, W = 2·OW) with
+    output rows of at most 16 (on AVX-512: max_pool2d_rows_2x2_permuted, blocks of min(16 // OW, OH)
+    output rows of all the planes, their taps picked from one run of inputs by permutes): every
+    output width 1-16 over heights 1-8, so that blocks start and end inside planes and the last one
+    is short; inputs of 100K values or more, so that on two threads the second thread's first block
+    starts at some row of a plane. Values from a small set (ties, ±inf, all −inf windows, NaN):
+    values and indices exactly as native's, in floor and ceil mode (the same windows here)."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(37)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
+    for OW in range(1, 17):
+        for OH in (1, 2, 3, 5, 8):
+            planes = -(-100_000 // (4 * OH * OW)) + OW  # + OW: not a multiple of the block rows
+            x = pool[torch.randint(len(pool), (planes, 1, 2 * OH, 2 * OW), generator=g)]
+            x[planes // 2] = -math.inf
+            for ceil_mode in (False, True):
+                assert_pool_exactly_as_native(x, dict(kernel_size=2, stride=2, ceil_mode=ceil_mode),
+                                              f"{tuple(x.shape)}, ceil_mode={ceil_mode}, {threads} threads")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", CL_CASES[2:] + [dict(kernel_size=3, stride=2, padding=1, dilation=2)], ids=kw_id)
 def test_max_pool2d_channels_last_blocks_ties_inf_nan(kw, dtype):
