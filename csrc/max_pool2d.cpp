@@ -681,7 +681,7 @@ CNNBP_TARGET_AVX512 void max_pool2d_planes_2x2_gather(const T* in, T* out, int64
 // i0 + r for the block's r-th row (i0: its first row's), less OH where that passes the plane's end
 // (Rc ≤ OH: at most once). Blocks b0 … b1 − 1 of the rows of all the planes.
 struct RowBlocks2x2 {
-  int64_t rows, OW, W;  // output rows of all planes; OW and W of a plane
+  int64_t rows, OW;  // output rows of all planes; output columns of a plane
   int Rc;               // output rows per block
   int64_t blocks() const { return (rows + Rc - 1) / Rc; }
   int64_t rows_of(int64_t b) const { return std::min<int64_t>(Rc, rows - b * Rc); }  // block b's
@@ -692,7 +692,7 @@ inline bool tiles_2x2_rows(const PoolShape& s, int lanes) {  // the shapes RowBl
 }
 
 inline RowBlocks2x2 row_blocks_2x2(const PoolShape& s, int lanes) {
-  return {s.planes * s.OH, s.OW, s.W, static_cast<int>(std::min<int64_t>(lanes / s.OW, s.OH))};
+  return {s.planes * s.OH, s.OW, static_cast<int>(std::min<int64_t>(lanes / s.OW, s.OH))};
 }
 
 // The block's outputs (lane l: row r = l / OW of the block, column j = l % OW): plane-local
