@@ -1406,6 +1406,10 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       const int64_t blocks = (C + kBlock - 1) / kBlock;
       // (work per item: zeroing its part of the gradient, then its scatter)
       at::parallel_for(0, N * blocks, grain_for((in_plane + out_plane) * kBlock), [&](int64_t t0, int64_t t1) {
+        const int64_t* const ip = idx;  // local copies, as in the NCHW scatter below
+        const scalar_t* const dp = d;
+        const int64_t Q = out_plane;
+        const uint64_t plane = static_cast<uint64_t>(in_plane);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
           scalar_t* g = gin + n * in_plane * C;
@@ -1414,14 +1418,14 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           } else {
             for (int64_t hw = 0; hw < in_plane; ++hw) std::fill(g + hw * C + c0, g + hw * C + c1, scalar_t(0));
           }
-          for (int64_t ij = 0; ij < out_plane; ++ij) {
-            const int64_t off = (n * out_plane + ij) * C;
+          for (int64_t ij = 0; ij < Q; ++ij) {
+            const int64_t off = (n * Q + ij) * C;
             for (int64_t c = c0; c < c1; ++c) {
-              const int64_t at = idx[off + c];
-              if (inside(at))
-                g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(d[off + c]));
+              const int64_t at = ip[off + c];
+              if (static_cast<uint64_t>(at) < plane)
+                g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(dp[off + c]));
               else
-                check(at, d[off + c]);
+                check(at, dp[off + c]);
             }
           }
         }
@@ -1435,8 +1439,16 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       const int64_t plane_bytes = in_plane * int64_t(sizeof(scalar_t)), out_bytes = out_plane * int64_t(sizeof(scalar_t));
       const bool ahead = N * C * (plane_bytes + out_bytes + out_plane * 8) >= kPrefetchBytes;
       at::parallel_for(0, N * C, grain_for(in_plane + out_plane), [&](int64_t p0, int64_t p1) {
+        // Local copies of what the loop reads: read through the lambdas' captures, the pointers and
+        // sizes were loaded again for every add (LeNet's 6 × 28² at batch 64: 1.2-1.5x native's time).
+        const int64_t* const ip = idx;
+        const scalar_t* const dp = d;
+        const int64_t Q = out_plane;
+        const uint64_t plane = static_cast<uint64_t>(in_plane);
         for (int64_t p = p0; p < p1; ++p) {
-          scalar_t* g = gin + p * in_plane;
+          scalar_t* const g = gin + p * in_plane;
+          const int64_t* const pi = ip + p * Q;
+          const scalar_t* const pd = dp + p * Q;
           std::fill(g, g + in_plane, scalar_t(0));
           PrefetchAhead next_idx, next_d, next_g;
           if (ahead && p + 1 < p1) {
@@ -1448,12 +1460,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
             next_idx.step(k);
             next_d.step(k);
             next_g.step<true>(k);
-            for (int64_t ij = k * kStep; ij < std::min(out_plane, (k + 1) * kStep); ++ij) {
-              const int64_t at = idx[p * out_plane + ij];
-              if (inside(at))
-                g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(d[p * out_plane + ij]));
+            const int64_t end = std::min(Q, (k + 1) * kStep);
+            for (int64_t ij = k * kStep; ij < end; ++ij) {
+              const int64_t at = pi[ij];
+              if (static_cast<uint64_t>(at) < plane)
+                g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(pd[ij]));
               else
-                check(at, d[p * out_plane + ij]);
+                check(at, pd[ij]);
             }
           }
         }
