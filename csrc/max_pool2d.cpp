@@ -229,10 +229,15 @@ CNNBP_ALWAYS_INLINE void max_pool2d_plane_rows(const T* in, T* out, int64_t* idx
 // on in cache. The hardware prefetchers follow the stream of planes, but not far enough ahead to
 // cover the burst, and over inputs larger than the caches about half of a 3×3 stride-2 forward's
 // time was the copy of each plane waiting for memory. So while one plane is worked on, the next
-// one's data are prefetched (into L2), a slice at each step of the work. Over inputs that fit the
-// caches this only costs instructions (the backward of LeNet's pools: 1.06-1.08x the time), so it is
-// done where a call touches kPrefetchBytes or more. Values are unchanged: a prefetch is only a hint.
-constexpr int64_t kPrefetchBytes = int64_t(8) << 20;
+// one's data are prefetched (into L2), a slice at each step of the work. Small planes follow each
+// other without a pause long enough to matter, and there the prefetches only cost instructions
+// (LeNet's 6 × 28² planes at batch 64, forward+backward: 1.10x the time), as they do where a call's
+// data stay in the caches between calls; so they are issued for planes of kPrefetchPlaneBytes or
+// more in calls that touch kPrefetchCallBytes or more. Values are unchanged: a prefetch is a hint.
+constexpr int64_t kPrefetchPlaneBytes = int64_t(8) << 10, kPrefetchCallBytes = int64_t(2) << 20;
+inline bool prefetch_pays(int64_t plane_bytes, int64_t call_bytes) {
+  return plane_bytes >= kPrefetchPlaneBytes && call_bytes >= kPrefetchCallBytes;
+}
 
 struct PrefetchAhead {
   const char* p = nullptr;
@@ -817,7 +822,7 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     if (is_plain_2x2_stride_2(s) && s.OW < 2 * kFull && s.OH * s.OW <= (int64_t(1) << 16) &&
         active_isa() == Isa::avx512) {
       const std::vector<int32_t> at = top_left_taps(s, kFull);
-      const bool ahead = s.planes * in_plane * int64_t(sizeof(T)) >= kPrefetchBytes;
+      const bool ahead = prefetch_pays(in_plane * int64_t(sizeof(T)), s.planes * in_plane * int64_t(sizeof(T)));
       at::parallel_for(0, s.planes, grain_for(4 * s.OH * s.OW), [&](int64_t p0, int64_t p1) {
         max_pool2d_planes_2x2_gather(in, out, idx, at.data(), s, p0, p1, ahead);
       });
@@ -837,7 +842,7 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     });
     return true;
   }
-  const bool ahead = s.planes * in_plane * int64_t(sizeof(T)) >= kPrefetchBytes;
+  const bool ahead = prefetch_pays(in_plane * int64_t(sizeof(T)), s.planes * in_plane * int64_t(sizeof(T)));
   at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
     std::vector<A> buf(b.buffer_size()), line(b.row_len);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
@@ -1437,7 +1442,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       constexpr int64_t kStep = 64;
       const int64_t steps = (out_plane + kStep - 1) / kStep;
       const int64_t plane_bytes = in_plane * int64_t(sizeof(scalar_t)), out_bytes = out_plane * int64_t(sizeof(scalar_t));
-      const bool ahead = N * C * (plane_bytes + out_bytes + out_plane * 8) >= kPrefetchBytes;
+      const bool ahead = prefetch_pays(plane_bytes, N * C * (plane_bytes + out_bytes + out_plane * 8));
       at::parallel_for(0, N * C, grain_for(in_plane + out_plane), [&](int64_t p0, int64_t p1) {
         // Local copies of what the loop reads: read through the lambdas' captures, the pointers and
         // sizes were loaded again for every add (LeNet's 6 × 28² at batch 64: 1.2-1.5x native's time).
