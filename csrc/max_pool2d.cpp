@@ -248,6 +248,7 @@ struct PrefetchAhead {
       : p(static_cast<const char*>(start)), lines((bytes + 63) / 64), steps(std::max<int64_t>(steps, 1)) {}
   template <bool kWrite = false>
   CNNBP_ALWAYS_INLINE void step(int64_t k) const {
+    if (lines == 0) return;  // (none asked for: no divisions either)
     for (int64_t l = k * lines / steps; l < (k + 1) * lines / steps; ++l) __builtin_prefetch(p + 64 * l, kWrite, 2);
   }
 };
@@ -1332,7 +1333,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
     // An index inside the plane gets its add (adding a zero changes nothing: the gradient starts at
     // +0). One outside is an error unless its gradient is zero: empty windows (dilation stepping over
     // a short input) point outside and are sent zeros.
-    auto inside = [&](int64_t at) { return static_cast<uint64_t>(at) < static_cast<uint64_t>(in_plane); };
+    auto inside = [plane = static_cast<uint64_t>(in_plane)](int64_t at) { return static_cast<uint64_t>(at) < plane; };
     auto check = [&](int64_t at, scalar_t grad) {
       TORCH_CHECK(inside(at) || grad == scalar_t(0), "max_pool2d_backward: index ", at,
                   " is outside the input plane of ", in_plane, " elements");
@@ -1414,7 +1415,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
         const int64_t* const ip = idx;  // local copies, as in the NCHW scatter below
         const scalar_t* const dp = d;
         const int64_t Q = out_plane;
-        const uint64_t plane = static_cast<uint64_t>(in_plane);
+        const auto in_plane_at = inside;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(C, c0 + kBlock);
           scalar_t* g = gin + n * in_plane * C;
@@ -1427,7 +1428,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
             const int64_t off = (n * Q + ij) * C;
             for (int64_t c = c0; c < c1; ++c) {
               const int64_t at = ip[off + c];
-              if (static_cast<uint64_t>(at) < plane)
+              if (in_plane_at(at))
                 g[at * C + c] = static_cast<scalar_t>(static_cast<acc_t>(g[at * C + c]) + static_cast<acc_t>(dp[off + c]));
               else
                 check(at, dp[off + c]);
@@ -1445,11 +1446,12 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       const bool ahead = prefetch_pays(plane_bytes, N * C * (plane_bytes + out_bytes + out_plane * 8));
       at::parallel_for(0, N * C, grain_for(in_plane + out_plane), [&](int64_t p0, int64_t p1) {
         // Local copies of what the loop reads: read through the lambdas' captures, the pointers and
-        // sizes were loaded again for every add (LeNet's 6 × 28² at batch 64: 1.2-1.5x native's time).
+        // sizes were loaded again for every add, since the loop calls check (LeNet's 6 × 28² at
+        // batch 64: 1.2-1.5x native's time).
         const int64_t* const ip = idx;
         const scalar_t* const dp = d;
         const int64_t Q = out_plane;
-        const uint64_t plane = static_cast<uint64_t>(in_plane);
+        const auto in_plane_at = inside;
         for (int64_t p = p0; p < p1; ++p) {
           scalar_t* const g = gin + p * in_plane;
           const int64_t* const pi = ip + p * Q;
@@ -1457,8 +1459,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           std::fill(g, g + in_plane, scalar_t(0));
           PrefetchAhead next_idx, next_d, next_g;
           if (ahead && p + 1 < p1) {
-            next_idx = PrefetchAhead(idx + (p + 1) * out_plane, out_plane * 8, steps);
-            next_d = PrefetchAhead(d + (p + 1) * out_plane, out_bytes, steps);
+            next_idx = PrefetchAhead(pi + Q, Q * 8, steps);
+            next_d = PrefetchAhead(pd + Q, out_bytes, steps);
             next_g = PrefetchAhead(g + in_plane, plane_bytes, steps);
           }
           for (int64_t k = 0; k < steps; ++k) {
@@ -1468,7 +1470,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
             const int64_t end = std::min(Q, (k + 1) * kStep);
             for (int64_t ij = k * kStep; ij < end; ++ij) {
               const int64_t at = pi[ij];
-              if (static_cast<uint64_t>(at) < plane)
+              if (in_plane_at(at))
                 g[at] = static_cast<scalar_t>(static_cast<acc_t>(g[at]) + static_cast<acc_t>(pd[ij]));
               else
                 check(at, pd[ij]);
