@@ -804,6 +804,8 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
   if (s.H * s.W >= (int64_t(1) << 31) || b.buffer_size() > (int64_t(1) << 22)) return false;
   const int64_t in_plane = s.H * s.W, out_plane = s.OH * s.OW;
   const T* in_end = in + s.planes * in_plane;
+  // the plane-by-plane kernels (the 2×2 gather, the buffered blocks) prefetch each thread's next plane
+  const bool ahead = prefetch_pays(in_plane * int64_t(sizeof(T)), s.planes * in_plane * int64_t(sizeof(T)));
 #ifdef CNNBP_X86
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     // Planes tiled exactly, output rows of up to 16 (float): blocks of whole rows, taps permuted
@@ -823,7 +825,6 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     if (is_plain_2x2_stride_2(s) && s.OW < 2 * kFull && s.OH * s.OW <= (int64_t(1) << 16) &&
         active_isa() == Isa::avx512) {
       const std::vector<int32_t> at = top_left_taps(s, kFull);
-      const bool ahead = prefetch_pays(in_plane * int64_t(sizeof(T)), s.planes * in_plane * int64_t(sizeof(T)));
       at::parallel_for(0, s.planes, grain_for(4 * s.OH * s.OW), [&](int64_t p0, int64_t p1) {
         max_pool2d_planes_2x2_gather(in, out, idx, at.data(), s, p0, p1, ahead);
       });
@@ -843,7 +844,6 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
     });
     return true;
   }
-  const bool ahead = prefetch_pays(in_plane * int64_t(sizeof(T)), s.planes * in_plane * int64_t(sizeof(T)));
   at::parallel_for(0, s.planes, grain_for(out_plane * s.kh * s.kw + b.buffer_size()), [&](int64_t p0, int64_t p1) {
     std::vector<A> buf(b.buffer_size()), line(b.row_len);
     run_with_isa([&](auto isa) CNNBP_LAMBDA_INLINE {
@@ -1443,7 +1443,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
       constexpr int64_t kStep = 64;
       const int64_t steps = (out_plane + kStep - 1) / kStep;
       const int64_t plane_bytes = in_plane * int64_t(sizeof(scalar_t)), out_bytes = out_plane * int64_t(sizeof(scalar_t));
-      const bool ahead = prefetch_pays(plane_bytes, N * C * (plane_bytes + out_bytes + out_plane * 8));
+      const int64_t index_bytes = out_plane * int64_t(sizeof(int64_t));
+      const bool ahead = prefetch_pays(plane_bytes, N * C * (plane_bytes + out_bytes + index_bytes));
       at::parallel_for(0, N * C, grain_for(in_plane + out_plane), [&](int64_t p0, int64_t p1) {
         // Local copies of what the loop reads: read through the lambdas' captures, the pointers and
         // sizes were loaded again for every add, since the loop calls check (LeNet's 6 × 28² at
@@ -1459,7 +1460,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
           std::fill(g, g + in_plane, scalar_t(0));
           PrefetchAhead next_idx, next_d, next_g;
           if (ahead && p + 1 < p1) {
-            next_idx = PrefetchAhead(pi + Q, Q * 8, steps);
+            next_idx = PrefetchAhead(pi + Q, index_bytes, steps);
             next_d = PrefetchAhead(pd + Q, out_bytes, steps);
             next_g = PrefetchAhead(g + in_plane, plane_bytes, steps);
           }
