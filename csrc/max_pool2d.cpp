@@ -787,7 +787,105 @@ CNNBP_TARGET_AVX512 void max_pool2d_rows_2x2_permuted(const float* in, float* ou
     if ((i0 += rb.Rc) >= s.OH) i0 -= s.OH;
   }
 }
+
+// Its backward, ∂E/∂o of the same blocks (δ, idx: the outputs' gradient and indices; gin: the
+// input's gradient, all of it written here). The windows tile the planes, so every input element is
+// a tap of exactly one window, and its gradient is that window's δ (+ 0: the scatter adds δ to +0,
+// which turns a −0 into +0) if the window's index names it, else +0. A block's run of inputs is so
+// written once, in four vectors, with no zeroing pass and no scatter. Element e of the run lies in
+// row pair e / 2W of the block, at column c = e mod 2W mod W of row e mod 2W / W of the pair: the
+// window of output lane (e / 2W)·OW + c / 2, its tap (e mod 2W / W)·W + c mod 2 counted from the
+// window's top-left (block_top_left). Each output's index, less that top-left, is its tap: taken in
+// int64 and narrowed with saturation, so that no index outside the plane can pass for a tap. Returns
+// whether every output's tap is one of its window's four (0, 1, W, W + 1): where one is not (an
+// index that this window did not make), the caller runs the scatter, which decides what it means.
+CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, const int64_t* idx, float* gin,
+                                                               const PoolShape& s, const RowBlocks2x2& rb,
+                                                               int64_t b0, int64_t b1) {
+  alignas(64) int32_t row[16], col2[16], src[4][16], tap[4][16];
+  const int32_t W = static_cast<int32_t>(s.W), OW = static_cast<int32_t>(rb.OW), run = 4 * rb.Rc * OW;
+  for (int l = 0; l < 16; ++l) {
+    const bool used = l < rb.Rc * OW;
+    row[l] = used ? l / OW : 0;
+    col2[l] = used ? 2 * (l % OW) : 0;
+  }
+  for (int e = 0; e < 64; ++e) {
+    const int32_t pair = e / (2 * W), r = e % (2 * W) / W, c = e % (2 * W) % W;
+    src[e / 16][e % 16] = e < run ? pair * OW + c / 2 : 0;
+    tap[e / 16][e % 16] = e < run ? r * W + c % 2 : -1;
+  }
+  const __m512i row_v = _mm512_load_si512(row), col2_v = _mm512_load_si512(col2);
+  __m512i src_v[4], tap_v[4];
+  for (int k = 0; k < 4; ++k) src_v[k] = _mm512_load_si512(src[k]), tap_v[k] = _mm512_load_si512(tap[k]);
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1), right = _mm512_set1_epi32(W),
+                diagonal = _mm512_set1_epi32(W + 1);
+  // (sizes in locals: the stores, through may-alias vector types, made GCC reload them every block)
+  const PoolShape shape = s;
+  const int64_t OW64 = rb.OW, OH = s.OH, rows = rb.rows, Rc = rb.Rc, row_pair = 2 * s.W;
+  // The masks of a block's outputs and of its four vectors of inputs: all blocks but a short last one
+  // have Rc rows.
+  auto masks = [](int64_t n, __mmask16& outputs, __mmask16 (&stored)[4]) {
+    outputs = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+    for (int k = 0; k < 4; ++k)
+      stored[k] = static_cast<__mmask16>((uint32_t(1) << std::clamp<int64_t>(4 * n - 16 * k, 0, 16)) - 1);
+  };
+  __mmask16 m, stored[4];
+  masks(Rc * OW64, m, stored);
+  __mmask16 strays = 0;  // outputs whose index is no tap of their window
+  int64_t i0 = b0 * Rc % OH;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t R = b * Rc;
+    if (R + Rc > rows) masks((rows - R) * OW64, m, stored);
+    const __m512i at = block_top_left(row_v, col2_v, i0, shape);
+    const int64_t* const ip = idx + R * OW64;
+    const __m512i lo = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), ip),
+                                        _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at)));
+    const __m512i hi = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), ip + 8),
+                                        _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1)));
+    const __m512i taken = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(lo)),
+                                             _mm512_cvtsepi64_epi32(hi), 1);
+    const __mmask16 known = _mm512_cmpeq_epi32_mask(taken, zero) | _mm512_cmpeq_epi32_mask(taken, one) |
+                            _mm512_cmpeq_epi32_mask(taken, right) | _mm512_cmpeq_epi32_mask(taken, diagonal);
+    strays |= static_cast<__mmask16>(m & ~known);
+    const __m512 delta = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + R * OW64), _mm512_setzero_ps());
+    float* const g = gin + R * row_pair;
+    for (int k = 0; k < 4; ++k) {
+      const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(src_v[k], taken), tap_v[k]);
+      const __m512 v = _mm512_maskz_permutexvar_ps(hit, src_v[k], delta);
+      // whole vectors unmasked (forward+backward, 2 threads, interleaved with native's: 0.91-0.98x
+      // the time with every store masked)
+      if (stored[k] == 0xFFFF)
+        _mm512_storeu_ps(g + 16 * k, v);
+      else
+        _mm512_mask_storeu_ps(g + 16 * k, stored[k], v);
+    }
+    if ((i0 += Rc) >= OH) i0 -= OH;
+  }
+  return strays == 0;
+}
 #endif
+
+// NCHW backward through max_pool2d_backward_rows_2x2_permuted where it applies (float, AVX-512, planes
+// that 2×2 stride-2 windows tile exactly, output rows of up to 16: LeNet's pools), split over the
+// blocks as the forward is. Returns false where it does not apply, or where some index is no tap of
+// its window (the scatter then writes all of gin again).
+template <typename T>
+bool max_pool2d_backward_nchw_rows_2x2(const T* d, const int64_t* idx, T* gin, const PoolShape& s) {
+#ifdef CNNBP_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles_2x2_rows(s, 16) && s.H * s.W < (int64_t(1) << 31) && active_isa() == Isa::avx512) {
+      const RowBlocks2x2 rb = row_blocks_2x2(s, 16);
+      std::atomic<bool> strays{false};
+      at::parallel_for(0, rb.blocks(), grain_for(4 * rb.Rc * rb.OW), [&](int64_t b0, int64_t b1) {
+        if (!max_pool2d_backward_rows_2x2_permuted(d, idx, gin, s, rb, b0, b1))
+          strays.store(true, std::memory_order_relaxed);
+      });
+      return !strays.load();
+    }
+  }
+#endif
+  return false;
+}
 
 // NCHW forward of a floating type through max_pool2d_plane_buffered, split over planes (n, c).
 // Returns false, having done nothing, where a plane's buffer would be too large (over 2^22 values).
@@ -1437,6 +1535,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output_, const at::Tensor&
         }
       });
     } else {
+      if (window && max_pool2d_backward_nchw_rows_2x2(d, idx, gin, *window)) return;
       // Split over planes (n, c): a plane's gradient is written by one thread. Over large inputs
       // the next plane's indices and δ are prefetched, and its gradient (to be written), a slice
       // per step of kStep outputs.

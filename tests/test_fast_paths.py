@@ -1238,6 +1238,59 @@ def test_max_pool2d_2x2_row_blocks_across_planes(threads):
                                               f"{tuple(x.shape)}, ceil_mode={ceil_mode}, {threads} threads")
 
 
+def assert_same_bits(got, want, msg):
+    """NaN in the same places, every other value bitwise (the sign of a zero included)."""
+    assert got.stride() == want.stride(), msg
+    assert torch.equal(got.isnan(), want.isnan()), msg
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()), msg
+    assert torch.equal(got.nan_to_num().signbit(), want.nan_to_num().signbit()), msg
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool2d_backward_2x2_row_blocks(threads):
+    """The backward of the same shapes (NCHW float32, 2x2 stride 2 tiling the planes exactly, output
+    rows of at most 16; on AVX-512: max_pool2d_backward_rows_2x2_permuted, each block's run of input
+    gradients written once from its outputs' δ where their indices name the element). Every output
+    width 1-16 over heights 1-8, blocks that start inside planes and a short last one, two threads
+    whose blocks meet inside a plane. δ holds −0, NaN and ±inf: the gradient must be bitwise the
+    scatter's (the op without the window) and native's, −0 coming out +0 as 0 + (−0) does.
+    Indices this window did not make send the op back to the scatter, with its result: another
+    window's index (flipped), arbitrary in-plane positions, and one index 2^32 past a tap (which
+    a narrowing to 32 bits would take for the tap): an error when its δ is not 0, else ignored."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(43)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
+    ops = torch.ops.cnnbp
+    window = ([2, 2], [2, 2], [0, 0], [1, 1])
+    for OW in range(1, 17):
+        for OH in (1, 2, 3, 5, 8):
+            planes = -(-100_000 // (4 * OH * OW)) + OW  # + OW: not a multiple of the block rows
+            shape = [planes, 1, 2 * OH, 2 * OW]
+            x = pool[torch.randint(len(pool), shape, generator=g)]
+            out, idx = ops.max_pool2d(x, *window, False)
+            delta = torch.randn(out.shape, generator=g)
+            special = torch.rand(out.shape, generator=g)
+            delta[special < 0.1] = -0.0
+            delta[(special > 0.1) & (special < 0.15)] = math.nan
+            delta[(special > 0.15) & (special < 0.2)] = -math.inf
+            delta[(special > 0.2) & (special < 0.25)] = math.inf
+            msg = f"{tuple(shape)}, {threads} threads"
+            got = ops.max_pool2d_backward(delta, idx, shape, *window)
+            native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, False, idx)
+            assert_same_bits(got, native, msg)
+            assert_same_bits(got, ops.max_pool2d_backward(delta, idx, shape), msg)
+            assert not got.nan_to_num().eq(0).logical_and(got.nan_to_num().signbit()).any(), msg  # no −0
+            far, far_delta = idx.clone(), delta.clone()
+            far.view(-1)[far.numel() // 2] += 1 << 32
+            far_delta.view(-1)[far.numel() // 2] = 0.0
+            for other, d in ((idx.flip(-1), delta), (torch.randint(4 * OH * OW, idx.shape, generator=g), delta),
+                             (far, far_delta)):
+                assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window),
+                                 ops.max_pool2d_backward(d, other, shape), msg)
+            with pytest.raises(RuntimeError, match="outside the input plane"):
+                ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
+
+
 # Planes of 8 KiB or more in inputs of 2 MiB or more (kPrefetchPlaneBytes, kPrefetchCallBytes in
 # csrc/max_pool2d.cpp), where the NCHW kernels prefetch the next plane while they work on one: the buffered forward (3x3 stride 2 padding 1, float32;
 # 3x3 stride 2 and 2x3 stride (1, 2) ceil mode, float64), the 2x2 gather forward (output rows
