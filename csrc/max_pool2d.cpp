@@ -863,6 +863,67 @@ CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, c
   }
   return strays == 0;
 }
+// ∂E/∂o of 2×2 stride-2 windows over NCHW float rows of any width (floor or ceil mode), by output
+// rows, each writing its two input rows once (where the planes are not tiled exactly, or their rows
+// are too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its
+// gradient is that window's δ (+ 0, as the scatter's +0 + δ) where the window's index names it,
+// else +0; rows and columns that no window covers (floor mode, odd sizes) get +0. A vector holds
+// 16 inputs of a row, from column w0 = 16v: the 8 outputs from column 8v on give their indices less
+// the position of input (2i, w0) (narrowed to 32 bits with saturation: no index outside the plane
+// passes for one inside it), each lane of the vector takes its output's (a permute), and lane l
+// matches where that is l in the upper row, W + l in the lower. Output rows [q0, q1) of all the
+// planes' rows. Returns the matches: an index that is a tap of its window inside the image matches
+// once, any other never.
+CNNBP_TARGET_AVX512 int64_t max_pool2d_backward_2x2_rows_gather(const float* d, const int64_t* idx, float* gin,
+                                                                const PoolShape& s, int64_t q0, int64_t q1) {
+  const int64_t H = s.H, W = s.W, OH = s.OH, OW = s.OW, vectors = (W + 15) / 16;
+  alignas(64) int32_t pair[16], lane[16];
+  for (int l = 0; l < 16; ++l) pair[l] = l / 2, lane[l] = l;
+  const __m512i pair_v = _mm512_load_si512(pair), upper = _mm512_load_si512(lane), none = _mm512_set1_epi64(-1);
+  const __m512i lower = _mm512_add_epi32(upper, _mm512_set1_epi32(static_cast<int32_t>(W)));
+  const __m512i ones = _mm512_set1_epi32(1);
+  int64_t matched = 0;
+  // Matches per lane, added up every `flush` output rows (a lane counts at most 2 per vector, so
+  // under 2^30); per row, the sum cost as much as a row of 13 outputs.
+  const int64_t flush = std::max<int64_t>(1, (int64_t(1) << 29) / vectors);
+  __m512i count = _mm512_setzero_si512();
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t p = q / OH, i = q % OH, h = 2 * i;
+    const bool has_lower = h + 1 < H;  // (ceil mode, odd H: the last window has one row)
+    float* const g = gin + (p * H + h) * W;
+    const int64_t* const iq = idx + q * OW;
+    const float* const dq = d + q * OW;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int64_t w0 = 16 * v, n = std::min<int64_t>(16, W - w0), outs = std::clamp<int64_t>(OW - 8 * v, 0, 8);
+      const __mmask16 in_row = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+      const __mmask8 out_mask = static_cast<__mmask8>((1u << outs) - 1);
+      const __m512i offset64 = _mm512_sub_epi64(_mm512_mask_loadu_epi64(none, out_mask, iq + 8 * v),
+                                                _mm512_set1_epi64(h * W + w0));
+      const __m512i offset = _mm512_permutexvar_epi32(pair_v, _mm512_castsi256_si512(_mm512_cvtsepi64_epi32(offset64)));
+      const __m256 delta8 = _mm256_add_ps(_mm256_maskz_loadu_ps(out_mask, dq + 8 * v), _mm256_setzero_ps());
+      const __m512 delta = _mm512_permutexvar_ps(pair_v, _mm512_castps256_ps512(delta8));
+      const __mmask16 hit_upper = _mm512_mask_cmpeq_epi32_mask(in_row, offset, upper);
+      const __mmask16 hit_lower = has_lower ? _mm512_mask_cmpeq_epi32_mask(in_row, offset, lower) : __mmask16(0);
+      count = _mm512_mask_add_epi32(count, hit_upper, count, ones);
+      count = _mm512_mask_add_epi32(count, hit_lower, count, ones);
+      const __m512 top = _mm512_maskz_mov_ps(hit_upper, delta), bottom = _mm512_maskz_mov_ps(hit_lower, delta);
+      if (n == 16) {
+        _mm512_storeu_ps(g + w0, top);
+        if (has_lower) _mm512_storeu_ps(g + W + w0, bottom);
+      } else {
+        _mm512_mask_storeu_ps(g + w0, in_row, top);
+        if (has_lower) _mm512_mask_storeu_ps(g + W + w0, in_row, bottom);
+      }
+    }
+    if ((q - q0) % flush == flush - 1 || q + 1 == q1) {
+      matched += _mm512_reduce_add_epi32(count);
+      count = _mm512_setzero_si512();
+    }
+    if (i == OH - 1)  // rows below the last window's (floor mode, odd H)
+      for (int64_t r = h + 2; r < H; ++r) std::fill(gin + (p * H + r) * W, gin + (p * H + r + 1) * W, 0.0f);
+  }
+  return matched;
+}
 #endif
 
 // NCHW backward through max_pool2d_backward_rows_2x2_permuted where it applies (float, AVX-512, planes
@@ -881,6 +942,13 @@ bool max_pool2d_backward_nchw_rows_2x2(const T* d, const int64_t* idx, T* gin, c
           strays.store(true, std::memory_order_relaxed);
       });
       return !strays.load();
+    }
+    if (is_2x2_stride_2(s) && s.H * s.W < (int64_t(1) << 31) && active_isa() == Isa::avx512) {
+      std::atomic<int64_t> matched{0};
+      at::parallel_for(0, s.planes * s.OH, grain_for(4 * s.OW), [&](int64_t q0, int64_t q1) {
+        matched += max_pool2d_backward_2x2_rows_gather(d, idx, gin, s, q0, q1);
+      });
+      return matched.load() == s.planes * s.OH * s.OW;
     }
   }
 #endif

@@ -1268,12 +1268,7 @@ def test_max_pool2d_backward_2x2_row_blocks(threads):
             shape = [planes, 1, 2 * OH, 2 * OW]
             x = pool[torch.randint(len(pool), shape, generator=g)]
             out, idx = ops.max_pool2d(x, *window, False)
-            delta = torch.randn(out.shape, generator=g)
-            special = torch.rand(out.shape, generator=g)
-            delta[special < 0.1] = -0.0
-            delta[(special > 0.1) & (special < 0.15)] = math.nan
-            delta[(special > 0.15) & (special < 0.2)] = -math.inf
-            delta[(special > 0.2) & (special < 0.25)] = math.inf
+            delta = backward_special_delta(out.shape, g)
             msg = f"{tuple(shape)}, {threads} threads"
             got = ops.max_pool2d_backward(delta, idx, shape, *window)
             native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, False, idx)
@@ -1284,6 +1279,57 @@ def test_max_pool2d_backward_2x2_row_blocks(threads):
             far.view(-1)[far.numel() // 2] += 1 << 32
             far_delta.view(-1)[far.numel() // 2] = 0.0
             for other, d in ((idx.flip(-1), delta), (torch.randint(4 * OH * OW, idx.shape, generator=g), delta),
+                             (far, far_delta)):
+                assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window),
+                                 ops.max_pool2d_backward(d, other, shape), msg)
+            with pytest.raises(RuntimeError, match="outside the input plane"):
+                ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
+
+
+def backward_special_delta(shape, g):
+    """δ of the given shape with −0, NaN, −inf and inf among its values."""
+    delta = torch.randn(shape, generator=g)
+    special = torch.rand(shape, generator=g)
+    delta[special < 0.1] = -0.0
+    delta[(special > 0.1) & (special < 0.15)] = math.nan
+    delta[(special > 0.15) & (special < 0.2)] = -math.inf
+    delta[(special > 0.2) & (special < 0.25)] = math.inf
+    return delta
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool2d_backward_2x2_rows_gather(threads):
+    """NCHW float32 2x2 stride 2 backward where the planes are not tiled exactly or their rows are
+    wider than 16 outputs (on AVX-512: max_pool2d_backward_2x2_rows_gather, each output row writing
+    its two input rows once, 16 inputs a vector): widths on both sides of the vectors' edges (15-18,
+    31-35) and wide ones, odd heights and widths (rows and columns no window covers, in floor mode;
+    windows of one row or column, in ceil mode), inputs of about 100K values so that two threads
+    split inside planes. δ holds −0, NaN and ±inf: the gradient must be bitwise the scatter's and
+    native's, −0 coming out +0. Indices this window did not make send the op back to the scatter,
+    with its result (another window's, arbitrary in-plane positions, one 2^32 past a tap: an error
+    when its δ is not 0)."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(47)
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
+    ops = torch.ops.cnnbp
+    window = ([2, 2], [2, 2], [0, 0], [1, 1])
+    for H, W in ((2, 34), (5, 15), (7, 16), (4, 17), (3, 18), (6, 31), (9, 33), (8, 35), (27, 27), (3, 255),
+                 (10, 112), (11, 40)):
+        for ceil_mode in (False, True):
+            shape = [-(-100_000 // (H * W)), 1, H, W]
+            x = pool[torch.randint(len(pool), shape, generator=g)]
+            out, idx = ops.max_pool2d(x, *window, ceil_mode)
+            delta = backward_special_delta(out.shape, g)
+            msg = f"{tuple(shape)}, ceil_mode={ceil_mode}, {threads} threads"
+            got = ops.max_pool2d_backward(delta, idx, shape, *window)
+            native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, ceil_mode, idx)
+            assert_same_bits(got, native, msg)
+            assert_same_bits(got, ops.max_pool2d_backward(delta, idx, shape), msg)
+            assert not got.nan_to_num().eq(0).logical_and(got.nan_to_num().signbit()).any(), msg  # no −0
+            far, far_delta = idx.clone(), delta.clone()
+            far.view(-1)[far.numel() // 2] += 1 << 32
+            far_delta.view(-1)[far.numel() // 2] = 0.0
+            for other, d in ((idx.flip(-1), delta), (torch.randint(H * W, idx.shape, generator=g), delta),
                              (far, far_delta)):
                 assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window),
                                  ops.max_pool2d_backward(d, other, shape), msg)
