@@ -1224,7 +1224,9 @@ def test_max_pool2d_2x2_row_blocks_across_planes(threads):
     output width 1-16 over heights 1-8, so that blocks start and end inside planes and the last one
     is short; inputs of 100K values or more, so that on two threads the second thread's first block
     starts at some row of a plane. Values from a small set (ties, ±inf, all −inf windows, NaN):
-    values and indices exactly as native's, in floor and ceil mode (the same windows here)."""
+    values and indices exactly as native's, in floor and ceil mode (the same windows here). Then the
+    backward of the same blocks (max_pool2d_backward_rows_2x2_permuted, each block's run of input
+    gradients written once from its outputs' δ), by check_2x2_backward_against_scatter."""
     set_threads(threads)
     g = torch.Generator().manual_seed(37)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
@@ -1236,6 +1238,7 @@ def test_max_pool2d_2x2_row_blocks_across_planes(threads):
             for ceil_mode in (False, True):
                 assert_pool_exactly_as_native(x, dict(kernel_size=2, stride=2, ceil_mode=ceil_mode),
                                               f"{tuple(x.shape)}, ceil_mode={ceil_mode}, {threads} threads")
+            check_2x2_backward_against_scatter(x, False, g, f"{tuple(x.shape)}, {threads} threads")
 
 
 def assert_same_bits(got, want, msg):
@@ -1244,46 +1247,6 @@ def assert_same_bits(got, want, msg):
     assert torch.equal(got.isnan(), want.isnan()), msg
     assert torch.equal(got.nan_to_num(), want.nan_to_num()), msg
     assert torch.equal(got.nan_to_num().signbit(), want.nan_to_num().signbit()), msg
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_max_pool2d_backward_2x2_row_blocks(threads):
-    """The backward of the same shapes (NCHW float32, 2x2 stride 2 tiling the planes exactly, output
-    rows of at most 16; on AVX-512: max_pool2d_backward_rows_2x2_permuted, each block's run of input
-    gradients written once from its outputs' δ where their indices name the element). Every output
-    width 1-16 over heights 1-8, blocks that start inside planes and a short last one, two threads
-    whose blocks meet inside a plane. δ holds −0, NaN and ±inf: the gradient must be bitwise the
-    scatter's (the op without the window) and native's, −0 coming out +0 as 0 + (−0) does.
-    Indices this window did not make send the op back to the scatter, with its result: another
-    window's index (flipped), arbitrary in-plane positions, and one index 2^32 past a tap (which
-    a narrowing to 32 bits would take for the tap): an error when its δ is not 0, else ignored."""
-    set_threads(threads)
-    g = torch.Generator().manual_seed(43)
-    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
-    ops = torch.ops.cnnbp
-    window = ([2, 2], [2, 2], [0, 0], [1, 1])
-    for OW in range(1, 17):
-        for OH in (1, 2, 3, 5, 8):
-            planes = -(-100_000 // (4 * OH * OW)) + OW  # + OW: not a multiple of the block rows
-            shape = [planes, 1, 2 * OH, 2 * OW]
-            x = pool[torch.randint(len(pool), shape, generator=g)]
-            out, idx = ops.max_pool2d(x, *window, False)
-            delta = backward_special_delta(out.shape, g)
-            msg = f"{tuple(shape)}, {threads} threads"
-            got = ops.max_pool2d_backward(delta, idx, shape, *window)
-            native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, False, idx)
-            assert_same_bits(got, native, msg)
-            assert_same_bits(got, ops.max_pool2d_backward(delta, idx, shape), msg)
-            assert not got.nan_to_num().eq(0).logical_and(got.nan_to_num().signbit()).any(), msg  # no −0
-            far, far_delta = idx.clone(), delta.clone()
-            far.view(-1)[far.numel() // 2] += 1 << 32
-            far_delta.view(-1)[far.numel() // 2] = 0.0
-            for other, d in ((idx.flip(-1), delta), (torch.randint(4 * OH * OW, idx.shape, generator=g), delta),
-                             (far, far_delta)):
-                assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window),
-                                 ops.max_pool2d_backward(d, other, shape), msg)
-            with pytest.raises(RuntimeError, match="outside the input plane"):
-                ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
 
 
 def backward_special_delta(shape, g):
@@ -1297,6 +1260,32 @@ def backward_special_delta(shape, g):
     return delta
 
 
+def check_2x2_backward_against_scatter(x, ceil_mode, g, msg):
+    """The backward op given the 2x2 stride-2 window, on x's forward: bitwise native's and the
+    scatter's (the op without the window) for δ holding −0, NaN and ±inf, −0 coming out +0. Then
+    indices this window did not make, which send the op back to the scatter and must give its result:
+    another window's (flipped), arbitrary in-plane positions, and one index 2^32 past a tap (which a
+    narrowing to 32 bits would take for the tap), ignored where its δ is 0 and an error where not."""
+    ops = torch.ops.cnnbp
+    window = ([2, 2], [2, 2], [0, 0], [1, 1])
+    shape = list(x.shape)
+    out, idx = ops.max_pool2d(x, *window, ceil_mode)
+    delta = backward_special_delta(out.shape, g)
+    got = ops.max_pool2d_backward(delta, idx, shape, *window)
+    native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, ceil_mode, idx)
+    assert_same_bits(got, native, msg)
+    assert_same_bits(got, ops.max_pool2d_backward(delta, idx, shape), msg)
+    assert not got.nan_to_num().eq(0).logical_and(got.nan_to_num().signbit()).any(), msg  # no −0
+    far, far_delta = idx.clone(), delta.clone()
+    far.view(-1)[far.numel() // 2] += 1 << 32
+    far_delta.view(-1)[far.numel() // 2] = 0.0
+    anywhere = torch.randint(shape[2] * shape[3], idx.shape, generator=g)
+    for other, d in ((idx.flip(-1), delta), (anywhere, delta), (far, far_delta)):
+        assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window), ops.max_pool2d_backward(d, other, shape), msg)
+    with pytest.raises(RuntimeError, match="outside the input plane"):
+        ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_max_pool2d_backward_2x2_rows_gather(threads):
     """NCHW float32 2x2 stride 2 backward where the planes are not tiled exactly or their rows are
@@ -1304,37 +1293,16 @@ def test_max_pool2d_backward_2x2_rows_gather(threads):
     its two input rows once, 16 inputs a vector): widths on both sides of the vectors' edges (15-18,
     31-35) and wide ones, odd heights and widths (rows and columns no window covers, in floor mode;
     windows of one row or column, in ceil mode), inputs of about 100K values so that two threads
-    split inside planes. δ holds −0, NaN and ±inf: the gradient must be bitwise the scatter's and
-    native's, −0 coming out +0. Indices this window did not make send the op back to the scatter,
-    with its result (another window's, arbitrary in-plane positions, one 2^32 past a tap: an error
-    when its δ is not 0)."""
+    split inside planes; each checked by check_2x2_backward_against_scatter."""
     set_threads(threads)
     g = torch.Generator().manual_seed(47)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
-    ops = torch.ops.cnnbp
-    window = ([2, 2], [2, 2], [0, 0], [1, 1])
     for H, W in ((2, 34), (5, 15), (7, 16), (4, 17), (3, 18), (6, 31), (9, 33), (8, 35), (27, 27), (3, 255),
                  (10, 112), (11, 40)):
         for ceil_mode in (False, True):
             shape = [-(-100_000 // (H * W)), 1, H, W]
             x = pool[torch.randint(len(pool), shape, generator=g)]
-            out, idx = ops.max_pool2d(x, *window, ceil_mode)
-            delta = backward_special_delta(out.shape, g)
-            msg = f"{tuple(shape)}, ceil_mode={ceil_mode}, {threads} threads"
-            got = ops.max_pool2d_backward(delta, idx, shape, *window)
-            native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, ceil_mode, idx)
-            assert_same_bits(got, native, msg)
-            assert_same_bits(got, ops.max_pool2d_backward(delta, idx, shape), msg)
-            assert not got.nan_to_num().eq(0).logical_and(got.nan_to_num().signbit()).any(), msg  # no −0
-            far, far_delta = idx.clone(), delta.clone()
-            far.view(-1)[far.numel() // 2] += 1 << 32
-            far_delta.view(-1)[far.numel() // 2] = 0.0
-            for other, d in ((idx.flip(-1), delta), (torch.randint(H * W, idx.shape, generator=g), delta),
-                             (far, far_delta)):
-                assert_same_bits(ops.max_pool2d_backward(d, other, shape, *window),
-                                 ops.max_pool2d_backward(d, other, shape), msg)
-            with pytest.raises(RuntimeError, match="outside the input plane"):
-                ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
+            check_2x2_backward_against_scatter(x, ceil_mode, g, f"{tuple(shape)}, ceil_mode={ceil_mode}, {threads} threads")
 
 
 # Planes of 8 KiB or more in inputs of 2 MiB or more (kPrefetchPlaneBytes, kPrefetchCallBytes in
