@@ -863,6 +863,7 @@ CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, c
   }
   return strays == 0;
 }
+
 // ∂E/∂o of 2×2 stride-2 windows over NCHW float rows of any width (floor or ceil mode), by output
 // rows, each writing its two input rows once (where the planes are not tiled exactly, or their rows
 // are too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its
@@ -936,7 +937,8 @@ template <typename T>
 bool max_pool2d_backward_nchw_rows_2x2(const T* d, const int64_t* idx, T* gin, const PoolShape& s) {
 #ifdef CNNBP_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (tiles_2x2_rows(s, 16) && s.H * s.W < (int64_t(1) << 31) && active_isa() == Isa::avx512) {
+    if (!is_2x2_stride_2(s) || s.H * s.W >= (int64_t(1) << 31) || active_isa() != Isa::avx512) return false;
+    if (tiles_2x2_rows(s, 16)) {
       const RowBlocks2x2 rb = row_blocks_2x2(s, 16);
       std::atomic<bool> strays{false};
       at::parallel_for(0, rb.blocks(), grain_for(4 * rb.Rc * rb.OW), [&](int64_t b0, int64_t b1) {
@@ -945,13 +947,11 @@ bool max_pool2d_backward_nchw_rows_2x2(const T* d, const int64_t* idx, T* gin, c
       });
       return !strays.load();
     }
-    if (is_2x2_stride_2(s) && s.H * s.W < (int64_t(1) << 31) && active_isa() == Isa::avx512) {
-      std::atomic<int64_t> matched{0};
-      at::parallel_for(0, s.planes * s.OH, grain_for(4 * s.OW), [&](int64_t q0, int64_t q1) {
-        matched += max_pool2d_backward_2x2_rows_gather(d, idx, gin, s, q0, q1);
-      });
-      return matched.load() == s.planes * s.OH * s.OW;
-    }
+    std::atomic<int64_t> matched{0};
+    at::parallel_for(0, s.planes * s.OH, grain_for(4 * s.OW), [&](int64_t q0, int64_t q1) {
+      matched += max_pool2d_backward_2x2_rows_gather(d, idx, gin, s, q0, q1);
+    });
+    return matched.load() == s.planes * s.OH * s.OW;
   }
 #endif
   return false;
