@@ -1123,10 +1123,7 @@ def test_max_pool2d_backward_channels_last_tiling_gather(kw, dtype, threads):
                 other = other.contiguous(memory_format=torch.channels_last)
                 got = ops.max_pool2d_backward(delta, other, list(x.shape), *window)
                 want = scatter if other is idx else ops.max_pool2d_backward(delta, other, list(x.shape))
-                assert got.stride() == want.stride(), msg
-                assert torch.equal(got.isnan(), want.isnan()), msg
-                assert torch.equal(got.nan_to_num(), want.nan_to_num()), msg
-                assert torch.equal(got.nan_to_num().signbit(), want.nan_to_num().signbit()), msg
+                assert_same_bits(got, want, msg)
             assert torch.equal(scatter.isnan(), native.isnan()) and torch.equal(scatter.nan_to_num(), native.nan_to_num()), msg
             assert not scatter.nan_to_num().eq(0).logical_and(scatter.nan_to_num().signbit()).any(), msg  # no −0
 
