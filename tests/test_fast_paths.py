@@ -858,6 +858,35 @@ def test_depthwise_narrow_planes_frames(case, dtype):
                           threads=2, msg=f"{name}, H={H}, W={W}")
 
 
+# ∂E/∂W of planes narrower than a vector runs on frames where they pay (fewer vectors of frame
+# positions than output rows, or as many at a column stride; conv2d.cpp: DwWeightFrames): the input
+# plane split into stride phases, the samples' frames filled a chunk of about 32 KiB at a time.
+# Batches of one sample, several, and several chunks (61: two to four chunks in every case here);
+# strides 1, 2, (2, 1), (1, 2); dilation; a channel multiplier; asymmetric padding ("same" with an
+# even kernel). In float64, whose vectors hold 8, the 7×7 and 5×5 planes at stride 1 take the rows'
+# path instead (in the sweep too).
+DEPTHWISE_WEIGHT_FRAME_CASES = [
+    ("k3_p1_7x7", (7, 7), 1, (3, 3), dict(padding=1)),
+    ("k3_s2_p1_14x14", (14, 14), 1, (3, 3), dict(stride=2, padding=1)),
+    ("mult2_k3_s2_p1_7x7", (7, 7), 2, (3, 3), dict(stride=2, padding=1)),
+    ("k3_d21_p21_9x5", (9, 5), 1, (3, 3), dict(padding=(2, 1), dilation=(2, 1))),
+    ("k3_s21_p1_12x6", (12, 6), 1, (3, 3), dict(stride=(2, 1), padding=1)),
+    ("mult3_k3_s12_p02_10x9", (10, 9), 3, (3, 3), dict(stride=(1, 2), padding=(0, 2))),
+    ("k5_p2_5x5", (5, 5), 1, (5, 5), dict(padding=2)),
+    ("k3_s2_p1_16x6", (16, 6), 1, (3, 3), dict(stride=2, padding=1)),
+    ("k24_same_7x7", (7, 7), 1, (2, 4), dict(padding="same")),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("N", (1, 3, 61))
+@pytest.mark.parametrize("case", DEPTHWISE_WEIGHT_FRAME_CASES, ids=lambda c: c[0])
+def test_depthwise_grad_weight_frames(case, N, dtype):
+    name, (H, W), mult, (kh, kw_), kw = case
+    run_conv_case((N, 3, H, W), (3 * mult, 1, kh, kw_), True, dict(groups=3, **kw), dtype, threads=2,
+                  msg=f"{name}, N={N}")
+
+
 # Column strides and dilations whose stride phases take different tap sets in δ_in: gcd(sw, dw) = 1
 # (every phase one tap of three) and > 1 (phases with no tap at all: their inputs get no gradient).
 @pytest.mark.parametrize("stride, dilation, padding", [(2, 1, 1), (3, 2, 2), (2, 2, 2), (4, 2, 0), ((1, 3), (2, 1), (2, 1))],
@@ -1601,7 +1630,10 @@ def run_isa_subset():
         run_conv_case((3, 8, 24, 25), (24, 1, 3, 3), True, dict(groups=8, padding=1), dtype, 2,
                       msg="depthwise")
         run_conv_case((2, 3, 5, 37), (9, 1, 2, 4), False, dict(groups=3, padding="same"), dtype, 1, msg="depthwise same")
-        count += 2
+        for name in ("k3_p1_7x7", "k3_s2_p1_14x14", "k3_d21_p21_9x5"):  # ∂E/∂W's frames
+            _, (H, W), mult, (kh, kw_), kw = next(c for c in DEPTHWISE_WEIGHT_FRAME_CASES if c[0] == name)
+            run_conv_case((5, 3, H, W), (3 * mult, 1, kh, kw_), True, dict(groups=3, **kw), dtype, 2, msg=name)
+        count += 5
     set_threads(1)
     for kw in (POOL_CASES[1], POOL_CASES[2], POOL_CASES[4], POOL_CASES[6], POOL_CASES[7], POOL_CASES[13], POOL_CASES[3]):
         for W in (1, 5, 17, 33, 39, 41):
