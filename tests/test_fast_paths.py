@@ -828,7 +828,8 @@ def test_depthwise_narrow_rows(dtype):
 
 
 # Planes whose rows are narrower than a vector (16 float / 8 double outputs) run as frames: the
-# forward where the row and column strides are equal, δ_in at any stride (δ spread out by it, the
+# forward at stride 1 on frames of padded rows, at any other strides on frames of the input's
+# stride phases (DwPhaseFrames, as ∂E/∂W below), δ_in at any stride (δ spread out by it, the
 # window turned around), with the channel multiplier's planes summed in one pass; padding wider than
 # (kernel − 1)·dilation keeps δ_in on the rows' path. Heights 1 … 9, widths around the vector.
 DEPTHWISE_FRAME_CASES = [
