@@ -676,7 +676,10 @@ bool narrow_rows(const DwRow& r) {
 // the edge columns' terms (summed one column at a time) are as many as the row's vectors. (Measured
 // on one core, 3×3 depthwise forward, float32: 56-wide rows, 4 edge terms against 4 vectors, 15%
 // faster padded; 112-wide, 4 against 7, 3-10% slower; stride 2 at 112 wide, 2 against 4, 35%
-// slower; δ_in of a 5×5 layer with 28-wide outputs, float64, 20 edge terms against 4, 2.3x faster.)
+// slower; δ_in of a 5×5 layer with 28-wide outputs, float64, 20 edge terms against 4, 2.3x faster.
+// Measured again later, with the rows copied inline, the copies paid at stride 1 at 112 wide too,
+// and in δ_in at every width tried: the forward at stride 1 and δ_in now pad wherever a row has
+// edge columns, and this rule is the forward's at other strides.)
 template <typename T>
 bool padding_pays(const DwRow& r) {
   constexpr int64_t L = kLanes64<T>;
@@ -908,7 +911,6 @@ struct DwPhaseFrames {
   }
 };
 
-
 // The forward of narrow planes at a stride, on DwPhaseFrames: output position p of channel k is
 // b[k] + Σ_t w[k, t] · X[tap_at[t] + p], the taps t = m·KW + q in (m, q) order, as rows of one tap
 // each for dw_vectors (every position reads inside the frame); then the positions that are outputs
@@ -936,7 +938,7 @@ void depthwise_forward_phases(const T* in, const T* w, const T* b, T* out, const
           const int64_t k = c * Kg + kk;
           for (int64_t t = 0; t < taps; ++t) wr[t] = w + k * taps + t;
           for (int64_t v0 = 0; v0 < f.vectors; v0 += NV) {
-            int64_t j[NV];
+            int64_t j[NV] = {};
             const int nv = static_cast<int>(std::min<int64_t>(NV, f.vectors - v0));
             for (int v = 0; v < nv; ++v) j[v] = (v0 + v) * L;
             dw_vectors<PB>(buf.data(), b ? b[k] : T(0), src.data(), wr.data(), taps, row, j, nv);
@@ -979,8 +981,12 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   }
   const DwColumns cols(s.OW, s.W, s.sw, s.KW, -s.pl, s.dw);
   // Rows with edge columns read a zero-padded copy of the plane (its terms w · 0 are 0 for a finite
-  // weight).
-  const bool padded = finite_w && padding_pays<T>(cols.row);
+  // weight): at stride 1 wherever there are edge columns, at other strides where padding_pays
+  // (forward alone, float32, in-process A/B against padding_pays' choice: 3×3 over 32 channels of
+  // 112×112 0.88x the time at two threads and one, 96 of 75×75 0.84x and 0.88x; at stride 2 over
+  // 32 of 112×112 the copy made it 1.13x).
+  const bool edges = cols.row.interior.lo > 0 || cols.row.interior.hi < cols.row.len;
+  const bool padded = finite_w && (padding_pays<T>(cols.row) || (s.sw == 1 && edges));
   const int64_t ld = padded ? cols.row.width : s.W;  // the source rows' distance
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(s.KH), wr(s.KH);
@@ -1023,6 +1029,27 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
       }
     });
   });
+}
+
+// dst[2l] = a[l], dst[2l + 1] = b[l] for l < pairs: vectors of PB bytes from each, shuffled into two.
+template <int PB, typename T>
+CNNBP_ALWAYS_INLINE void interleave_pairs(T* __restrict__ dst, const T* a, const T* b, int64_t pairs) {
+  typedef T piece __attribute__((vector_size(PB)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I index __attribute__((vector_size(PB)));
+  constexpr int PL = PB / int(sizeof(T));
+  index lo, hi;  // lane l of the first: a[l / 2] or b[l / 2] (odd l); of the second, from PL / 2 on
+  for (int l = 0; l < PL; ++l) lo[l] = (l % 2 ? PL : 0) + l / 2, hi[l] = lo[l] + PL / 2;
+  int64_t l = 0;
+  for (; l + PL <= pairs; l += PL) {
+    piece x, y;
+    std::memcpy(&x, a + l, PB);
+    std::memcpy(&y, b + l, PB);
+    const piece u = __builtin_shuffle(x, y, lo), v = __builtin_shuffle(x, y, hi);
+    std::memcpy(dst + 2 * l, &u, PB);
+    std::memcpy(dst + 2 * l + PL, &v, PB);
+  }
+  for (; l < pairs; ++l) dst[2 * l] = a[l], dst[2 * l + 1] = b[l];
 }
 
 // δ_in[n, c, h, v] = Σ over the k of c, m, q of w[k, m, q] · δ[n, k, i, j] at the output (i, j)
@@ -1074,10 +1101,14 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   }
   // Rows with edge columns read zero-padded copies of the Kg planes of δ (their terms w · 0 are 0
   // for a finite weight), with room for every phase: the largest lead, and the largest reach past it.
+  // Here the copies pay wherever there are edge columns, unlike the forward's rows (δ_in alone,
+  // float32, two threads, in-process A/B against padding_pays' choice: 3×3 over 96 channels of
+  // 75×75 0.77x the time, 32 of 112×112 0.88x, and at stride 2 over 144 of 56×56 0.87x, 32 of
+  // 112×112 0.95x; the other layers tried it chose already).
   bool pays = false;
   int64_t lead = 0, reach = 0;
   for (const DwColumns& ph : phases) {
-    pays |= padding_pays<T>(ph.row);
+    pays |= padding_pays<T>(ph.row) || ph.row.interior.lo > 0 || ph.row.interior.hi < ph.row.len;
     lead = std::max(lead, ph.row.lead);
     reach = std::max(reach, ph.row.width - ph.row.lead);
   }
@@ -1121,10 +1152,7 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
             const T* r0 = row.data();
             const T* r1 = r0 + len0;
             const int64_t pairs = s.W / 2;
-            for (int64_t l = 0; l < pairs; ++l) {
-              dst[2 * l] = r0[l];
-              dst[2 * l + 1] = r1[l];
-            }
+            interleave_pairs<PB>(dst, r0, r1, pairs);
             if (s.W % 2) dst[s.W - 1] = r0[pairs];
           } else {
             for (int64_t v = 0; v < s.W; ++v) dst[v] = row[(v % s.sw) * len0 + v / s.sw];
