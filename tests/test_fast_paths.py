@@ -1276,9 +1276,9 @@ def assert_same_bits(got, want, msg):
     assert torch.equal(got.nan_to_num().signbit(), want.nan_to_num().signbit()), msg
 
 
-def backward_special_delta(shape, g):
+def backward_special_delta(shape, g, dtype=torch.float32):
     """δ of the given shape with −0, NaN, −inf and inf among its values."""
-    delta = torch.randn(shape, generator=g)
+    delta = torch.randn(shape, generator=g, dtype=dtype)
     special = torch.rand(shape, generator=g)
     delta[special < 0.1] = -0.0
     delta[(special > 0.1) & (special < 0.15)] = math.nan
@@ -1297,7 +1297,7 @@ def check_2x2_backward_against_scatter(x, ceil_mode, g, msg):
     window = ([2, 2], [2, 2], [0, 0], [1, 1])
     shape = list(x.shape)
     out, idx = ops.max_pool2d(x, *window, ceil_mode)
-    delta = backward_special_delta(out.shape, g)
+    delta = backward_special_delta(out.shape, g, x.dtype)
     got = ops.max_pool2d_backward(delta, idx, shape, *window)
     native = torch.ops.aten.max_pool2d_with_indices_backward(delta, x, *window, ceil_mode, idx)
     assert_same_bits(got, native, msg)
@@ -1313,19 +1313,22 @@ def check_2x2_backward_against_scatter(x, ceil_mode, g, msg):
         ops.max_pool2d_backward(delta.nan_to_num().abs() + 1, far, shape, *window)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_max_pool2d_backward_2x2_rows_gather(threads):
-    """NCHW float32 2x2 stride 2 backward where the planes are not tiled exactly or their rows are
-    wider than 16 outputs (on AVX-512: max_pool2d_backward_2x2_rows_gather, each output row writing
-    its two input rows once, 16 inputs a vector): widths on both sides of the vectors' edges (15-18,
-    31-35) and wide ones, odd heights and widths (rows and columns no window covers, in floor mode;
-    windows of one row or column, in ceil mode), inputs of about 100K values so that two threads
-    split inside planes; each checked by check_2x2_backward_against_scatter."""
+def test_max_pool2d_backward_2x2_rows_gather(threads, dtype):
+    """NCHW 2x2 stride 2 backward where the planes are not tiled exactly or their rows are wider
+    than 16 outputs (float32), or their rows are 16 inputs or more (float64) (on AVX-512:
+    max_pool2d_backward_2x2_rows_gather, each output row writing its two input rows once, 16 float
+    / 8 double inputs a vector; narrower double rows take the scatter): widths on both sides of the
+    vectors' edges (15-18, 23-25, 31-35) and wide ones, odd heights and widths (rows and columns no
+    window covers, in floor mode; windows of one row or column, in ceil mode), inputs of about 100K
+    values so that two threads split inside planes; each checked by
+    check_2x2_backward_against_scatter."""
     set_threads(threads)
     g = torch.Generator().manual_seed(47)
-    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan])
-    for H, W in ((2, 34), (5, 15), (7, 16), (4, 17), (3, 18), (6, 31), (9, 33), (8, 35), (27, 27), (3, 255),
-                 (10, 112), (11, 40)):
+    pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=dtype)
+    for H, W in ((2, 34), (5, 15), (7, 16), (4, 17), (3, 18), (5, 23), (2, 24), (3, 25), (6, 31), (9, 33), (8, 35),
+                 (27, 27), (3, 255), (10, 112), (11, 40), (4, 28)):
         for ceil_mode in (False, True):
             shape = [-(-100_000 // (H * W)), 1, H, W]
             x = pool[torch.randint(len(pool), shape, generator=g)]
