@@ -864,114 +864,132 @@ CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, c
   return strays == 0;
 }
 
-// ∂E/∂o of 2×2 stride-2 windows over NCHW float rows of any width (floor or ceil mode), by output
-// rows, each writing its two input rows once (where the planes are not tiled exactly, or their rows
-// are too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its
-// gradient is that window's δ (+ 0, as the scatter's +0 + δ) where the window's index names it,
-// else +0; rows and columns that no window covers (floor mode, odd sizes) get +0. A vector holds
-// 16 inputs of a row, from column w0 = 16v: the 8 outputs from column 8v on give their indices less
-// the position of input (2i, w0) (narrowed to 32 bits with saturation: no index outside the plane
-// passes for one inside it), each lane of the vector takes its output's (a permute), and lane l
-// matches where that is l in the upper row, W + l in the lower. Output rows [q0, q1) of all the
-// planes' rows. Returns the matches: an index that is a tap of its window inside the image matches
-// once, any other never.
-CNNBP_TARGET_AVX512 int64_t max_pool2d_backward_2x2_rows_gather(const float* d, const int64_t* idx, float* gin,
+// ∂E/∂o of 2×2 stride-2 windows over NCHW rows of any width (floor or ceil mode), by output rows,
+// each writing its two input rows once (where the planes are not tiled exactly, or their rows are
+// too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its gradient
+// is that window's δ (+ 0, as the scatter's +0 + δ) where the window's index names it, else +0;
+// rows and columns that no window covers (floor mode, odd sizes) get +0. A vector holds L inputs of
+// a row, from column w0 = L·v: the L / 2 outputs from column (L / 2)·v on give their indices less
+// the position of input (2i, w0), each lane of the vector takes its output's (a permute), and lane
+// l matches where that is l in the upper row, W + l in the lower. The vectors' work, per type:
+// RowsGather2x2 below. Output rows [q0, q1) of all the planes' rows. Returns the matches: an index
+// that is a tap of its window inside the image matches once, any other never.
+template <typename T>
+struct RowsGather2x2;
+
+// float: 16 inputs a vector, the offsets narrowed to 32 bits with saturation (no index outside the
+// plane passes for one inside it), matches counted per lane in 32 bits and added up every `flush`
+// output rows (a lane counts at most 2 per vector, so under 2^30): summed on every row, they cost
+// short rows a tenth of their time (64 × 6 × 27², backward op alone: 0.084 → 0.077 ms).
+template <>
+struct RowsGather2x2<float> {
+  static constexpr int L = 16;
+  __m512i pair_v, upper, lower, none, ones, count;
+  int64_t flush;
+  CNNBP_TARGET_AVX512 RowsGather2x2(int64_t W, int64_t vectors) {
+    alignas(64) int32_t pair[16], lane[16];
+    for (int l = 0; l < 16; ++l) pair[l] = l / 2, lane[l] = l;
+    pair_v = _mm512_load_si512(pair), upper = _mm512_load_si512(lane), none = _mm512_set1_epi64(-1);
+    lower = _mm512_add_epi32(upper, _mm512_set1_epi32(static_cast<int32_t>(W)));
+    ones = _mm512_set1_epi32(1), count = _mm512_setzero_si512();
+    flush = std::max<int64_t>(1, (int64_t(1) << 29) / vectors);
+  }
+  // The n inputs of row pair (g, g + W) from column w0 and the `outs` outputs that cover them
+  // (indices iq, δ dq, from the first of them); `base`: the position of input (2i, w0).
+  CNNBP_TARGET_AVX512 void block(float* g, int64_t W, int64_t w0, int64_t n, const int64_t* iq, const float* dq,
+                                 int64_t outs, int64_t base, bool has_lower) {
+    const __mmask16 in_row = static_cast<__mmask16>((uint32_t(1) << n) - 1);
+    const __mmask8 out_mask = static_cast<__mmask8>((1u << outs) - 1);
+    const __m512i offset64 = _mm512_sub_epi64(_mm512_mask_loadu_epi64(none, out_mask, iq), _mm512_set1_epi64(base));
+    const __m512i offset = _mm512_permutexvar_epi32(pair_v, _mm512_castsi256_si512(_mm512_cvtsepi64_epi32(offset64)));
+    const __m256 delta8 = _mm256_add_ps(_mm256_maskz_loadu_ps(out_mask, dq), _mm256_setzero_ps());
+    const __m512 delta = _mm512_permutexvar_ps(pair_v, _mm512_castps256_ps512(delta8));
+    const __mmask16 hit_upper = _mm512_mask_cmpeq_epi32_mask(in_row, offset, upper);
+    const __mmask16 hit_lower = has_lower ? _mm512_mask_cmpeq_epi32_mask(in_row, offset, lower) : __mmask16(0);
+    count = _mm512_mask_add_epi32(count, hit_upper, count, ones);
+    count = _mm512_mask_add_epi32(count, hit_lower, count, ones);
+    const __m512 top = _mm512_maskz_mov_ps(hit_upper, delta), bottom = _mm512_maskz_mov_ps(hit_lower, delta);
+    if (n == L) {
+      _mm512_storeu_ps(g + w0, top);
+      if (has_lower) _mm512_storeu_ps(g + W + w0, bottom);
+    } else {
+      _mm512_mask_storeu_ps(g + w0, in_row, top);
+      if (has_lower) _mm512_mask_storeu_ps(g + W + w0, in_row, bottom);
+    }
+  }
+  CNNBP_TARGET_AVX512 int64_t take() {  // the matches counted since the last take
+    const int64_t sum = _mm512_reduce_add_epi32(count);
+    count = _mm512_setzero_si512();
+    return sum;
+  }
+};
+
+// double: 8 inputs a vector, the offsets compared in 64 bits (no narrowing), counted in 64 bits.
+template <>
+struct RowsGather2x2<double> {
+  static constexpr int L = 8;
+  __m512i pair_v, upper, lower, ones, count;
+  int64_t flush = std::numeric_limits<int64_t>::max();
+  CNNBP_TARGET_AVX512 RowsGather2x2(int64_t W, int64_t) {
+    alignas(64) int64_t pair[8], lane[8];
+    for (int l = 0; l < 8; ++l) pair[l] = l / 2, lane[l] = l;
+    pair_v = _mm512_load_si512(pair), upper = _mm512_load_si512(lane);
+    lower = _mm512_add_epi64(upper, _mm512_set1_epi64(W));
+    ones = _mm512_set1_epi64(1), count = _mm512_setzero_si512();
+  }
+  CNNBP_TARGET_AVX512 void block(double* g, int64_t W, int64_t w0, int64_t n, const int64_t* iq, const double* dq,
+                                 int64_t outs, int64_t base, bool has_lower) {
+    const __mmask8 in_row = static_cast<__mmask8>((1u << n) - 1), out_mask = static_cast<__mmask8>((1u << outs) - 1);
+    const __m256i at4 = _mm256_mask_loadu_epi64(_mm256_set1_epi64x(-1), out_mask, iq);
+    const __m512i offset =
+        _mm512_permutexvar_epi64(pair_v, _mm512_castsi256_si512(_mm256_sub_epi64(at4, _mm256_set1_epi64x(base))));
+    const __m256d delta4 = _mm256_add_pd(_mm256_maskz_loadu_pd(out_mask, dq), _mm256_setzero_pd());
+    const __m512d delta = _mm512_permutexvar_pd(pair_v, _mm512_castpd256_pd512(delta4));
+    const __mmask8 hit_upper = _mm512_mask_cmpeq_epi64_mask(in_row, offset, upper);
+    const __mmask8 hit_lower = has_lower ? _mm512_mask_cmpeq_epi64_mask(in_row, offset, lower) : __mmask8(0);
+    count = _mm512_mask_add_epi64(count, hit_upper, count, ones);
+    count = _mm512_mask_add_epi64(count, hit_lower, count, ones);
+    const __m512d top = _mm512_maskz_mov_pd(hit_upper, delta), bottom = _mm512_maskz_mov_pd(hit_lower, delta);
+    if (n == L) {
+      _mm512_storeu_pd(g + w0, top);
+      if (has_lower) _mm512_storeu_pd(g + W + w0, bottom);
+    } else {
+      _mm512_mask_storeu_pd(g + w0, in_row, top);
+      if (has_lower) _mm512_mask_storeu_pd(g + W + w0, in_row, bottom);
+    }
+  }
+  CNNBP_TARGET_AVX512 int64_t take() {
+    const int64_t sum = _mm512_reduce_add_epi64(count);
+    count = _mm512_setzero_si512();
+    return sum;
+  }
+};
+
+template <typename T>
+CNNBP_TARGET_AVX512 int64_t max_pool2d_backward_2x2_rows_gather(const T* d, const int64_t* idx, T* gin,
                                                                 const PoolShape& s, int64_t q0, int64_t q1) {
-  const int64_t H = s.H, W = s.W, OH = s.OH, OW = s.OW, vectors = (W + 15) / 16;
-  alignas(64) int32_t pair[16], lane[16];
-  for (int l = 0; l < 16; ++l) pair[l] = l / 2, lane[l] = l;
-  const __m512i pair_v = _mm512_load_si512(pair), upper = _mm512_load_si512(lane), none = _mm512_set1_epi64(-1);
-  const __m512i lower = _mm512_add_epi32(upper, _mm512_set1_epi32(static_cast<int32_t>(W)));
-  const __m512i ones = _mm512_set1_epi32(1);
+  constexpr int L = RowsGather2x2<T>::L;
+  const int64_t H = s.H, W = s.W, OH = s.OH, OW = s.OW, vectors = (W + L - 1) / L;
+  RowsGather2x2<T> gather(W, vectors);
   int64_t matched = 0;
-  // Matches per lane, added up every `flush` output rows (a lane counts at most 2 per vector, so
-  // under 2^30): summed on every row, they cost short rows a tenth of their time (64 × 6 × 27²,
-  // backward op alone: 0.084 → 0.077 ms).
-  const int64_t flush = std::max<int64_t>(1, (int64_t(1) << 29) / vectors);
-  __m512i count = _mm512_setzero_si512();
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t p = q / OH, i = q % OH, h = 2 * i;
     const bool has_lower = h + 1 < H;  // (ceil mode, odd H: the last window has one row)
-    float* const g = gin + (p * H + h) * W;
+    T* const g = gin + (p * H + h) * W;
     const int64_t* const iq = idx + q * OW;
-    const float* const dq = d + q * OW;
+    const T* const dq = d + q * OW;
     for (int64_t v = 0; v < vectors; ++v) {
-      const int64_t w0 = 16 * v, n = std::min<int64_t>(16, W - w0), outs = std::clamp<int64_t>(OW - 8 * v, 0, 8);
-      const __mmask16 in_row = static_cast<__mmask16>((uint32_t(1) << n) - 1);
-      const __mmask8 out_mask = static_cast<__mmask8>((1u << outs) - 1);
-      const __m512i offset64 = _mm512_sub_epi64(_mm512_mask_loadu_epi64(none, out_mask, iq + 8 * v),
-                                                _mm512_set1_epi64(h * W + w0));
-      const __m512i offset = _mm512_permutexvar_epi32(pair_v, _mm512_castsi256_si512(_mm512_cvtsepi64_epi32(offset64)));
-      const __m256 delta8 = _mm256_add_ps(_mm256_maskz_loadu_ps(out_mask, dq + 8 * v), _mm256_setzero_ps());
-      const __m512 delta = _mm512_permutexvar_ps(pair_v, _mm512_castps256_ps512(delta8));
-      const __mmask16 hit_upper = _mm512_mask_cmpeq_epi32_mask(in_row, offset, upper);
-      const __mmask16 hit_lower = has_lower ? _mm512_mask_cmpeq_epi32_mask(in_row, offset, lower) : __mmask16(0);
-      count = _mm512_mask_add_epi32(count, hit_upper, count, ones);
-      count = _mm512_mask_add_epi32(count, hit_lower, count, ones);
-      const __m512 top = _mm512_maskz_mov_ps(hit_upper, delta), bottom = _mm512_maskz_mov_ps(hit_lower, delta);
-      if (n == 16) {
-        _mm512_storeu_ps(g + w0, top);
-        if (has_lower) _mm512_storeu_ps(g + W + w0, bottom);
-      } else {
-        _mm512_mask_storeu_ps(g + w0, in_row, top);
-        if (has_lower) _mm512_mask_storeu_ps(g + W + w0, in_row, bottom);
-      }
+      const int64_t w0 = L * v, o0 = L / 2 * v;
+      gather.block(g, W, w0, std::min<int64_t>(L, W - w0), iq + o0, dq + o0, std::clamp<int64_t>(OW - o0, 0, L / 2),
+                   h * W + w0, has_lower);
     }
-    if ((q - q0) % flush == flush - 1 || q + 1 == q1) {
-      matched += _mm512_reduce_add_epi32(count);
-      count = _mm512_setzero_si512();
-    }
+    if ((q - q0) % gather.flush == gather.flush - 1 || q + 1 == q1) matched += gather.take();
     if (i == OH - 1)  // rows below the last window's (floor mode, odd H)
-      for (int64_t r = h + 2; r < H; ++r) std::fill(gin + (p * H + r) * W, gin + (p * H + r + 1) * W, 0.0f);
+      for (int64_t r = h + 2; r < H; ++r) std::fill(gin + (p * H + r) * W, gin + (p * H + r + 1) * W, T(0));
   }
   return matched;
 }
 #endif
-
-// The same for double: a vector holds 8 inputs of a row, from column w0 = 8v, and the 4 outputs
-// from column 4v give their indices less the position of input (2i, w0), compared in 64 bits (no
-// narrowing). Returns the matches, as above.
-CNNBP_TARGET_AVX512 int64_t max_pool2d_backward_2x2_rows_gather(const double* d, const int64_t* idx, double* gin,
-                                                                const PoolShape& s, int64_t q0, int64_t q1) {
-  const int64_t H = s.H, W = s.W, OH = s.OH, OW = s.OW, vectors = (W + 7) / 8;
-  alignas(64) int64_t pair[8], lane[8];
-  for (int l = 0; l < 8; ++l) pair[l] = l / 2, lane[l] = l;
-  const __m512i pair_v = _mm512_load_si512(pair), upper = _mm512_load_si512(lane);
-  const __m512i lower = _mm512_add_epi64(upper, _mm512_set1_epi64(W));
-  const __m512i ones = _mm512_set1_epi64(1);
-  __m512i count = _mm512_setzero_si512();  // at most 2 per lane and vector: no overflow in 64 bits
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t p = q / OH, i = q % OH, h = 2 * i;
-    const bool has_lower = h + 1 < H;  // (ceil mode, odd H: the last window has one row)
-    double* const g = gin + (p * H + h) * W;
-    const int64_t* const iq = idx + q * OW;
-    const double* const dq = d + q * OW;
-    for (int64_t v = 0; v < vectors; ++v) {
-      const int64_t w0 = 8 * v, n = std::min<int64_t>(8, W - w0), outs = std::clamp<int64_t>(OW - 4 * v, 0, 4);
-      const __mmask8 in_row = static_cast<__mmask8>((1u << n) - 1), out_mask = static_cast<__mmask8>((1u << outs) - 1);
-      const __m256i at4 = _mm256_mask_loadu_epi64(_mm256_set1_epi64x(-1), out_mask, iq + 4 * v);
-      const __m512i offset = _mm512_permutexvar_epi64(
-          pair_v, _mm512_castsi256_si512(_mm256_sub_epi64(at4, _mm256_set1_epi64x(h * W + w0))));
-      const __m256d delta4 = _mm256_add_pd(_mm256_maskz_loadu_pd(out_mask, dq + 4 * v), _mm256_setzero_pd());
-      const __m512d delta = _mm512_permutexvar_pd(pair_v, _mm512_castpd256_pd512(delta4));
-      const __mmask8 hit_upper = _mm512_mask_cmpeq_epi64_mask(in_row, offset, upper);
-      const __mmask8 hit_lower = has_lower ? _mm512_mask_cmpeq_epi64_mask(in_row, offset, lower) : __mmask8(0);
-      count = _mm512_mask_add_epi64(count, hit_upper, count, ones);
-      count = _mm512_mask_add_epi64(count, hit_lower, count, ones);
-      const __m512d top = _mm512_maskz_mov_pd(hit_upper, delta), bottom = _mm512_maskz_mov_pd(hit_lower, delta);
-      if (n == 8) {
-        _mm512_storeu_pd(g + w0, top);
-        if (has_lower) _mm512_storeu_pd(g + W + w0, bottom);
-      } else {
-        _mm512_mask_storeu_pd(g + w0, in_row, top);
-        if (has_lower) _mm512_mask_storeu_pd(g + W + w0, in_row, bottom);
-      }
-    }
-    if (i == OH - 1)  // rows below the last window's (floor mode, odd H)
-      for (int64_t r = h + 2; r < H; ++r) std::fill(gin + (p * H + r) * W, gin + (p * H + r + 1) * W, 0.0);
-  }
-  return _mm512_reduce_add_epi64(count);
-}
 
 // NCHW backward of 2×2 stride-2 windows on AVX-512: float through max_pool2d_backward_rows_2x2_permuted
 // where the windows tile the planes exactly with output rows of up to 16 (LeNet's pools), split over
