@@ -874,6 +874,23 @@ CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, c
 // l matches where that is l in the upper row, W + l in the lower. The vectors' work, per type:
 // RowsGather2x2 below. Output rows [q0, q1) of all the planes' rows. Returns the matches: an index
 // that is a tap of its window inside the image matches once, any other never.
+// A vector of gradients into a row (the lanes of in_row; all of them, unmasked, where that is the
+// whole vector) and one into the row W below it (where there is one).
+CNNBP_TARGET_AVX512 inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+CNNBP_TARGET_AVX512 inline void store_lanes(double* p, __m512d v) { _mm512_storeu_pd(p, v); }
+CNNBP_TARGET_AVX512 inline void store_lanes(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+CNNBP_TARGET_AVX512 inline void store_lanes(double* p, __mmask8 m, __m512d v) { _mm512_mask_storeu_pd(p, m, v); }
+template <typename T, typename M, typename V>
+CNNBP_TARGET_AVX512 inline void store_rows(T* g, int64_t W, M in_row, V top, V bottom, bool has_lower) {
+  if (in_row == M(~M(0))) {
+    store_lanes(g, top);
+    if (has_lower) store_lanes(g + W, bottom);
+    return;
+  }
+  store_lanes(g, in_row, top);
+  if (has_lower) store_lanes(g + W, in_row, bottom);
+}
+
 template <typename T>
 struct RowsGather2x2;
 
@@ -906,16 +923,8 @@ struct RowsGather2x2<float> {
     const __m512 delta = _mm512_permutexvar_ps(pair_v, _mm512_castps256_ps512(delta8));
     const __mmask16 hit_upper = _mm512_mask_cmpeq_epi32_mask(in_row, offset, upper);
     const __mmask16 hit_lower = has_lower ? _mm512_mask_cmpeq_epi32_mask(in_row, offset, lower) : __mmask16(0);
-    count = _mm512_mask_add_epi32(count, hit_upper, count, ones);
-    count = _mm512_mask_add_epi32(count, hit_lower, count, ones);
-    const __m512 top = _mm512_maskz_mov_ps(hit_upper, delta), bottom = _mm512_maskz_mov_ps(hit_lower, delta);
-    if (n == L) {
-      _mm512_storeu_ps(g + w0, top);
-      if (has_lower) _mm512_storeu_ps(g + W + w0, bottom);
-    } else {
-      _mm512_mask_storeu_ps(g + w0, in_row, top);
-      if (has_lower) _mm512_mask_storeu_ps(g + W + w0, in_row, bottom);
-    }
+    count = _mm512_mask_add_epi32(_mm512_mask_add_epi32(count, hit_upper, count, ones), hit_lower, count, ones);
+    store_rows(g + w0, W, in_row, _mm512_maskz_mov_ps(hit_upper, delta), _mm512_maskz_mov_ps(hit_lower, delta), has_lower);
   }
   CNNBP_TARGET_AVX512 int64_t take() {  // the matches counted since the last take
     const int64_t sum = _mm512_reduce_add_epi32(count);
@@ -947,16 +956,8 @@ struct RowsGather2x2<double> {
     const __m512d delta = _mm512_permutexvar_pd(pair_v, _mm512_castpd256_pd512(delta4));
     const __mmask8 hit_upper = _mm512_mask_cmpeq_epi64_mask(in_row, offset, upper);
     const __mmask8 hit_lower = has_lower ? _mm512_mask_cmpeq_epi64_mask(in_row, offset, lower) : __mmask8(0);
-    count = _mm512_mask_add_epi64(count, hit_upper, count, ones);
-    count = _mm512_mask_add_epi64(count, hit_lower, count, ones);
-    const __m512d top = _mm512_maskz_mov_pd(hit_upper, delta), bottom = _mm512_maskz_mov_pd(hit_lower, delta);
-    if (n == L) {
-      _mm512_storeu_pd(g + w0, top);
-      if (has_lower) _mm512_storeu_pd(g + W + w0, bottom);
-    } else {
-      _mm512_mask_storeu_pd(g + w0, in_row, top);
-      if (has_lower) _mm512_mask_storeu_pd(g + W + w0, in_row, bottom);
-    }
+    count = _mm512_mask_add_epi64(_mm512_mask_add_epi64(count, hit_upper, count, ones), hit_lower, count, ones);
+    store_rows(g + w0, W, in_row, _mm512_maskz_mov_pd(hit_upper, delta), _mm512_maskz_mov_pd(hit_lower, delta), has_lower);
   }
   CNNBP_TARGET_AVX512 int64_t take() {
     const int64_t sum = _mm512_reduce_add_epi64(count);
