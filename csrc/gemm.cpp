@@ -101,8 +101,8 @@ void pack_a(bool trans, const T* A, int64_t lda, int64_t M, int64_t i0, int64_t 
 #ifdef CNNBP_X86
     if (rows == MR) {
       const T* a = A + (i0 + ip) * lda + k0;
+      static_assert(MR % 2 == 0, "pack_a: the double blocks take rows in pairs");
       if constexpr (std::is_same_v<T, float>) {
-        static_assert(Tile<T, I>::MR % 2 == 0, "pack_a: rows in pairs");
         for (; k_done + 4 <= kc; k_done += 4) {
           int r = 0;
           for (; r + 4 <= MR; r += 4) {

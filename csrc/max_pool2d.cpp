@@ -864,16 +864,6 @@ CNNBP_TARGET_AVX512 bool max_pool2d_backward_rows_2x2_permuted(const float* d, c
   return strays == 0;
 }
 
-// ∂E/∂o of 2×2 stride-2 windows over NCHW rows of any width (floor or ceil mode), by output rows,
-// each writing its two input rows once (where the planes are not tiled exactly, or their rows are
-// too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its gradient
-// is that window's δ (+ 0, as the scatter's +0 + δ) where the window's index names it, else +0;
-// rows and columns that no window covers (floor mode, odd sizes) get +0. A vector holds L inputs of
-// a row, from column w0 = L·v: the L / 2 outputs from column (L / 2)·v on give their indices less
-// the position of input (2i, w0), each lane of the vector takes its output's (a permute), and lane
-// l matches where that is l in the upper row, W + l in the lower. The vectors' work, per type:
-// RowsGather2x2 below. Output rows [q0, q1) of all the planes' rows. Returns the matches: an index
-// that is a tap of its window inside the image matches once, any other never.
 // A vector of gradients into a row (the lanes of in_row; all of them, unmasked, where that is the
 // whole vector) and one into the row W below it (where there is one).
 CNNBP_TARGET_AVX512 inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
@@ -891,6 +881,16 @@ CNNBP_TARGET_AVX512 inline void store_rows(T* g, int64_t W, M in_row, V top, V b
   if (has_lower) store_lanes(g + W, in_row, bottom);
 }
 
+// ∂E/∂o of 2×2 stride-2 windows over NCHW rows of any width (floor or ceil mode), by output rows,
+// each writing its two input rows once (where the planes are not tiled exactly, or their rows are
+// too wide for the blocks above). Input (h, w) lies in window (h / 2, w / 2) only, and its gradient
+// is that window's δ (+ 0, as the scatter's +0 + δ) where the window's index names it, else +0;
+// rows and columns that no window covers (floor mode, odd sizes) get +0. A vector holds L inputs of
+// a row, from column w0 = L·v: the L / 2 outputs from column (L / 2)·v on give their indices less
+// the position of input (2i, w0), each lane of the vector takes its output's (a permute), and lane
+// l matches where that is l in the upper row, W + l in the lower. The vectors' work, per type:
+// RowsGather2x2 below. Output rows [q0, q1) of all the planes' rows. Returns the matches: an index
+// that is a tap of its window inside the image matches once, any other never.
 template <typename T>
 struct RowsGather2x2;
 
