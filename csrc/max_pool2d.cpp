@@ -639,7 +639,8 @@ CNNBP_TARGET_AVX512 inline void offer_gathered(__m512d v, __m256i at, __m512d& b
   best_at = _mm256_mask_mov_epi32(best_at, take, at);
 }
 // NCHW, 2×2 stride 2 with every window inside the image, over planes whose output rows are
-// narrower than two 64-byte vectors (LeNet's 5×5 and 14×14 outputs): the row kernel above would
+// narrower than two 64-byte vectors (LeNet's 5×5 and 14×14 outputs; on Intel's AVX-512 cores only,
+// see max_pool2d_nchw_buffered): the row kernel above would
 // fill a vector per output row, or two, with a few outputs in the last. Here a vector holds 16
 // (float) or 8 (double) consecutive outputs of a plane, rows joined, and gathers their taps: with
 // `at` from top_left_taps (made once per call), output q's taps are at at[q] + {0, 1, W, W + 1},
@@ -1064,10 +1065,15 @@ bool max_pool2d_nchw_buffered(const T* in, T* out, int64_t* idx, const PoolShape
         return true;
       }
     }
-    // Rows of up to two vectors of outputs (a 64 × 56² input: 0.50 → 0.44 ms, 2 threads; as fast
-    // as the row kernel at 56 outputs), planes of up to 2^16 outputs (the table's size).
+    // Rows of up to two vectors of outputs, planes of up to 2^16 outputs (the table's size), on
+    // Intel's AVX-512 cores (where blend_isa() is 512 bits wide), whose gathers are fast: on an
+    // Intel Xeon a 64 × 56² input took 0.50 → 0.44 ms with it (2 threads), as fast as the row kernel
+    // at 56 outputs. On AMD's (Zen 4, forward op alone, two threads, in-process A/B) the row kernel
+    // below took 0.47-0.71x the gather's time in float32 (8 × 128 × 56², 4 × 64 × 62², 8 × 64 × 57²,
+    // 16 × 16 × 33², 16 × 32 × 40², 64 × 6 × 27²) and 0.50-0.74x in float64 (LeNet's 64 × 6 × 28²
+    // and 64 × 16 × 10², 32 × 20 × 24², 64 × 6 × 27², 1 × 64 × 30²).
     if (is_plain_2x2_stride_2(s) && s.OW < 2 * kFull && s.OH * s.OW <= (int64_t(1) << 16) &&
-        active_isa() == Isa::avx512) {
+        active_isa() == Isa::avx512 && blend_isa() == Isa::avx512) {
       const std::vector<int32_t> at = top_left_taps(s, kFull);
       at::parallel_for(0, s.planes, grain_for(4 * s.OH * s.OW), [&](int64_t p0, int64_t p1) {
         max_pool2d_planes_2x2_gather(in, out, idx, at.data(), s, p0, p1, ahead);

@@ -1225,12 +1225,14 @@ def test_max_pool2d_nchw_buffer_kept_between_planes(kw, dtype, threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ceil_mode", [False, True])
 def test_max_pool2d_2x2_narrow_rows_gathered(ceil_mode, dtype, threads):
-    """NCHW 2x2 stride 2 with output rows narrower than two 64-byte vectors (on AVX-512, float and
-    double: 16 or 8 consecutive outputs of a plane per vector, rows joined, their taps gathered; the
-    last vector of a plane masked): every output width 1-33 over heights 1-6, odd and even input
-    sizes (the odd last row or column outside every window; in ceil mode those planes take the row
-    kernel), values from a small set (ties, ±inf, all −inf windows, NaN): values and indices exactly
-    as native's. bfloat16 takes the row kernel throughout."""
+    """NCHW 2x2 stride 2 with output rows narrower than two 64-byte vectors (on Intel's AVX-512
+    cores, float and double: 16 or 8 consecutive outputs of a plane per vector, rows joined, their
+    taps gathered, the last vector of a plane masked; on other CPUs, and for the planes tiled
+    exactly with rows of up to 16 in float32, the row kernel and the permuted blocks): every output
+    width 1-33 over heights 1-6, odd and even input sizes (the odd last row or column outside every
+    window; in ceil mode those planes take the row kernel), values from a small set (ties, ±inf,
+    all −inf windows, NaN): values and indices exactly as native's. bfloat16 takes the row kernel
+    throughout."""
     set_threads(threads)
     g = torch.Generator().manual_seed(31)
     pool = torch.tensor([-math.inf, -1.0, 0.0, 1.0, math.inf, math.nan], dtype=torch.float64)
