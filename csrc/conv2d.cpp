@@ -602,6 +602,7 @@ struct DwRow {
   // (pad_rows): `lead` zeros, the row, zeros up to `width` values, so that every output, and two
   // 64-byte vectors of outputs from column 0 of a shorter row, read inside the copy.
   int64_t lead, width;
+  bool has_edges() const { return interior.lo > 0 || interior.hi < len; }  // outputs some tap misses
 };
 
 template <typename T>
@@ -985,8 +986,7 @@ void depthwise_forward(const T* in, const T* w, const T* b, T* out, const ConvSh
   // (forward alone, float32, in-process A/B against padding_pays' choice: 3×3 over 32 channels of
   // 112×112 0.88x the time at two threads and one, 96 of 75×75 0.84x and 0.88x; at stride 2 over
   // 32 of 112×112 the copy made it 1.13x).
-  const bool edges = cols.row.interior.lo > 0 || cols.row.interior.hi < cols.row.len;
-  const bool padded = finite_w && (padding_pays<T>(cols.row) || (s.sw == 1 && edges));
+  const bool padded = finite_w && (padding_pays<T>(cols.row) || (s.sw == 1 && cols.row.has_edges()));
   const int64_t ld = padded ? cols.row.width : s.W;  // the source rows' distance
   at::parallel_for(0, s.N * s.C, grain_for(Kg * P * s.KH * s.KW), [&](int64_t p0, int64_t p1) {
     std::vector<const T*> src(s.KH), wr(s.KH);
@@ -1108,7 +1108,7 @@ void depthwise_grad_input(const T* d, const T* w, T* gin, const ConvShape& s) {
   bool pays = false;
   int64_t lead = 0, reach = 0;
   for (const DwColumns& ph : phases) {
-    pays |= padding_pays<T>(ph.row) || ph.row.interior.lo > 0 || ph.row.interior.hi < ph.row.len;
+    pays |= padding_pays<T>(ph.row) || ph.row.has_edges();
     lead = std::max(lead, ph.row.lead);
     reach = std::max(reach, ph.row.width - ph.row.lead);
   }
@@ -1298,6 +1298,7 @@ CNNBP_ALWAYS_INLINE void for_tap_groups(int64_t taps, const F& f) {
 // 7×7 planes, 1024 channels at batch 4, 0.72-0.81x its time, 256 at batch 16 0.58-0.65x; 512
 // channels of 14×14 at stride 2, batch 8, 0.82x, where filling the phases value by value had taken
 // 2.8x.)
+
 // Taps t0 … t0 + QB − 1, vectors v0 … v0 + NV − 1 of the positions, the samples of one chunk
 // (frames `frames`, per_sample apart): the sums in acc (tap t's at acc + t·vectors·L) plus theirs.
 template <int QB, int NV, int PB, typename T>
@@ -1390,8 +1391,9 @@ void depthwise_grad_weight(const T* in, const T* d, T* gw, const ConvShape& s) {
   const Range interior = cols.row.interior;
   const bool blocks = interior.hi - interior.lo >= V;
   // Narrow planes that the frames above do not take (no block fits the interior, but a row fits
-  // one or two blocks: 14×14 layers, 7×7 ones in double): each sample's plane of δ is copied with rows V lanes apart (zeros past OW), and its input
-  // plane into a zero-padded plane, so that every tap of every output column reads inside the copy.
+  // one or two blocks: 14×14 layers, 7×7 ones in double): each sample's plane of δ is copied with
+  // rows V lanes apart (zeros past OW), and its input plane into a zero-padded plane, so that every
+  // tap of every output column reads inside the copy.
   // Then dw_weight_blocks runs on the copies: whole rows in registers, the padding's terms δ · 0
   // (0 for a finite δ; NaN otherwise, as below).
   const bool narrow = narrow_rows<T>(cols.row);
